@@ -1,0 +1,200 @@
+"""Sampling text from a trained model, streamed in chunks that each run as one compiled call.
+
+The prime is fed through the same compiled loop as the generated characters (its tokens are
+forced rather than drawn), so one compilation serves every prime and length. The character at
+position t of sample s is drawn with the key fold_in(fold_in(seed, s), t): the same seed gives
+the same text whatever the chunk size or the number of samples drawn beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charlm import checkpoint as ckpt
+from charlm import model
+from charlm.errors import CharlmError
+
+DEFAULT_CHUNK = 64
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep the `top_k` largest logits (all when 0), then the smallest set of those whose
+    probability sums to at least `top_p` (nucleus sampling, Holtzman et al. 2020); the rest
+    become -inf. Works on (..., vocab) with scalar k and p."""
+    vocab = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ordered = jnp.where(jnp.arange(vocab) < k, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum((mass_before < top_p) & (jnp.arange(vocab) < k), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def draw(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    greedy: jax.Array,
+) -> jax.Array:
+    """One token per row of `logits` (batch, vocab), each with its own key."""
+    scaled = logits / temperature
+    scaled = jax.lax.cond(
+        (top_k > 0) | (top_p < 1.0),
+        lambda x: filter_logits(x, top_k, top_p),
+        lambda x: x,
+        scaled,
+    )
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled)
+
+
+@partial(jax.jit, static_argnames=("config", "steps"))
+def _advance(
+    params: model.Params,
+    state: model.State,
+    logits: jax.Array,
+    sample_keys: jax.Array,
+    position: jax.Array,
+    forced: jax.Array,
+    n_forced: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    greedy: jax.Array,
+    config: model.ModelConfig,
+    steps: int,
+):
+    """`steps` characters for every sample: the first `n_forced` are `forced`, the rest drawn."""
+
+    def step(carry, i):
+        state, logits = carry
+        keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, position + i)
+        drawn = draw(logits, keys, temperature, top_k, top_p, greedy)
+        token = jnp.where(i < n_forced, forced[i], drawn)
+        logits, state = model.apply(params, token[:, None], state, config)
+        return (state, logits[:, 0]), token
+
+    (state, logits), tokens = jax.lax.scan(step, (state, logits), jnp.arange(steps))
+    return state, logits, tokens.T
+
+
+def generate(
+    params: model.Params,
+    config: model.ModelConfig,
+    context: np.ndarray,
+    length: int,
+    key: jax.Array,
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[np.ndarray]:
+    """Read `context` (tokens), then yield the next `length` tokens of each sample as arrays
+    (num_samples, n), chunk by chunk. With an empty context the first character is drawn
+    uniformly."""
+    state = model.initial_state(config, num_samples)
+    logits = jnp.zeros((num_samples, config.vocab_size), jnp.float32)
+    sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_samples))
+    options = (
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+        jnp.bool_(greedy),
+    )
+    context = np.asarray(context, np.int32)
+    position, emitted = 0, 0
+    while emitted < length:
+        forced = context[position : position + chunk_size]
+        padded = np.zeros(chunk_size, np.int32)
+        padded[: len(forced)] = forced
+        forced_column = np.broadcast_to(padded[:, None], (chunk_size, num_samples))
+        state, logits, tokens = _advance(
+            params,
+            state,
+            logits,
+            sample_keys,
+            jnp.int32(position),
+            forced_column,
+            jnp.int32(len(forced)),
+            *options,
+            config=config,
+            steps=chunk_size,
+        )
+        position += chunk_size
+        new = np.asarray(tokens)[:, len(forced) :][:, : length - emitted]
+        if new.shape[1]:
+            emitted += new.shape[1]
+            yield new
+
+
+def sample_stream(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    prime: str = "",
+    length: int = 500,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    num_samples: int = 1,
+    greedy: bool = False,
+    drop_unknown: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[list[str]]:
+    """Yield text as it is generated: first the prime, then successive pieces, each a list
+    with one string per sample. `checkpoint` is a file, a run directory, or None for the
+    working directory's latest run. An empty prime starts from a newline (a fresh paragraph)
+    when the vocabulary has one."""
+    if length < 0 or num_samples < 1 or chunk_size < 1:
+        raise CharlmError("--length must not be negative and --num-samples must be at least 1")
+    if not temperature > 0:
+        raise CharlmError("--temperature must be positive (use --greedy for argmax)")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise CharlmError("--top-k must not be negative and --top-p must be in (0, 1]")
+    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint)))
+    unknown = vocab.unknown(prime)
+    if unknown and not drop_unknown:
+        raise CharlmError(
+            f"the prime has characters the model never saw: {unknown!r}; "
+            "change the prime or pass --drop-unknown to leave them out"
+        )
+    prime = "".join(ch for ch in prime if ch not in unknown)
+    context = vocab.encode(prime if prime or "\n" not in vocab.chars else "\n")
+    key = jax.random.key(secrets.randbits(31) if seed is None else seed)
+    yield [prime] * num_samples
+    for tokens in generate(
+        params,
+        config,
+        context,
+        length,
+        key,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+        chunk_size=chunk_size,
+    ):
+        yield [vocab.decode(row) for row in tokens]
+
+
+def sample(checkpoint: str | os.PathLike | None = None, **options) -> list[str]:
+    """The whole of each sample (prime included); options as for `sample_stream`."""
+    texts: list[str] = []
+    for pieces in sample_stream(checkpoint, **options):
+        texts = [a + b for a, b in zip(texts, pieces)] if texts else pieces
+    return texts

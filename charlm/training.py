@@ -1,0 +1,485 @@
+"""Training: one jit-compiled step, and the loop that feeds it, validates, and checkpoints.
+
+The step is forward, mean cross-entropy in nats per character, gradients, global-norm
+clipping and AdamW (Loshchilov & Hutter 2019) on a linear warm-up then cosine decay schedule.
+The hidden state is carried from one step to the next (truncated backpropagation through time)
+and is part of the checkpoint, so `resume=True` continues a run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from charlm import __version__, model
+from charlm import checkpoint as ckpt
+from charlm.corpus import BatchStream, Corpus, Vocabulary, load_corpus
+from charlm.errors import CharlmError
+from charlm.evaluation import total_nats
+
+DEFAULT_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    `steps` is the run's total (a resumed run continues up to it); `epochs` sets it instead
+    when `steps` is None, and 10 epochs is the default. A run with only a `time_budget`
+    (seconds) trains until the time is up. `decay_steps`, where the cosine decay ends, defaults
+    to the total, or for a run limited only by time, to the steps its speed allows.
+    """
+
+    cell: str = "lstm"
+    layers: int = 2
+    hidden_size: int = 256
+    embed_size: int = 64
+    dropout: float = 0.0
+    batch_size: int = 32
+    seq_len: int = 100
+    val_fraction: float = 0.1
+    encoding: str | None = None
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.01
+    clip_norm: float = 5.0
+    seed: int = 0
+    steps: int | None = None
+    epochs: float | None = None
+    time_budget: float | None = None
+    eval_every: int = 200
+    log_every: int = 10
+
+    def validate(self) -> None:
+        positive = ["layers", "hidden_size", "embed_size", "batch_size", "seq_len"]
+        positive += ["eval_every", "log_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CharlmError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "decay_steps", "epochs", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise CharlmError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr <= 0 or self.min_lr < 0 or self.clip_norm <= 0 or self.warmup_steps < 0:
+            raise CharlmError(
+                "--lr and --clip-norm must be positive, --min-lr and --warmup-steps not negative"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.cell not in model.CELLS:
+            raise CharlmError(f"--cell must be one of {', '.join(model.CELLS)}")
+
+    def model_config(self, vocab_size: int) -> model.ModelConfig:
+        return model.ModelConfig(
+            vocab_size, self.cell, self.layers, self.hidden_size, self.embed_size, self.dropout
+        )
+
+
+# Options that may differ when a run is resumed; every other one must match the checkpoint.
+RESUMABLE = {"steps", "epochs", "time_budget", "eval_every", "log_every"}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a run ended. `stop` is "done", "time budget" or "interrupted"."""
+
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    stop: str
+
+
+class TrainingDiverged(CharlmError):
+    """The loss became NaN, infinite, or exploded; the last good checkpoint is kept."""
+
+
+def learning_rate(step: int, config: TrainConfig, decay_steps: int) -> float:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine decay (Loshchilov &
+    Hutter 2017) to `min_lr` at `decay_steps`, constant after. Plain Python: the host computes
+    it and passes it to the compiled step, so the decay horizon can change without recompiling."""
+    if step < config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    span = max(decay_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (Pascanu et al. 2013), then AdamW at unit learning rate: the step
+    scales the update by `learning_rate`. Weight decay applies to matrices, not to biases."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(
+            1.0,
+            weight_decay=config.weight_decay,
+            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        ),
+    )
+
+
+def make_train_step(config: model.ModelConfig, optimizer: optax.GradientTransformation):
+    """The compiled step: (state, inputs, targets, reset, lr) -> (state, loss, grad_norm).
+
+    `state` holds params, opt_state, carry (the hidden state), step and rng; its buffers are
+    donated, so the caller must use only the returned state. `reset` zeroes the carried state
+    first, where the data streams wrap.
+    """
+
+    def loss_fn(params, inputs, targets, carry, key):
+        dropout_key = key if config.dropout > 0 else None
+        logits, carry = model.apply(params, inputs, carry, config, dropout_key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return loss, carry
+
+    @partial(jax.jit, donate_argnums=0)
+    def train_step(state, inputs, targets, reset, lr):
+        carry = jax.tree.map(lambda c: jnp.where(reset, 0.0, c), state["carry"])
+        key = jax.random.fold_in(state["rng"], state["step"])
+        (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], inputs, targets, carry, key
+        )
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "carry": carry,
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        return new_state, loss, optax.global_norm(grads)
+
+    return train_step
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one aborts."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _new_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        path = Path(run_dir)
+        if (path / ckpt.LATEST).exists():
+            raise CharlmError(
+                f"{path} already holds a run; continue it with --resume or choose another --run-dir"
+            )
+    else:
+        base = Path("runs") / (Path(corpus_path).stem or "corpus")
+        path, n = base, 2
+        while path.exists():
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainConfig:
+    saved = TrainConfig(**loaded.meta["train"])
+    for name, value in overrides.items():
+        if name not in RESUMABLE and getattr(saved, name) != value:
+            raise CharlmError(
+                f"--{name.replace('_', '-')} cannot change when resuming (the run has "
+                f"{getattr(saved, name)!r}); start a new run to change it"
+            )
+    return dataclasses.replace(saved, **overrides)
+
+
+def _corpus_meta(corpus: Corpus, encoding: str | None) -> dict[str, Any]:
+    return {
+        "path": str(Path(corpus.path).resolve()),
+        "sha256": corpus.sha256,
+        "encoding": encoding,
+        "characters": len(corpus.tokens),
+        "val_fraction": corpus.val_fraction,
+        "split_index": corpus.split_index,
+    }
+
+
+def _open_run(
+    corpus: str | None,
+    config: TrainConfig | None,
+    run_dir: str | Path | None,
+    resume: bool,
+    overrides: dict[str, Any],
+) -> tuple[TrainConfig, Corpus, Path, ckpt.Checkpoint | None]:
+    """The run's config, corpus and directory, and its latest checkpoint when resuming."""
+    if not resume:
+        if corpus is None:
+            raise CharlmError("give a text file to train on: charlm train FILE")
+        config = dataclasses.replace(config or TrainConfig(), **overrides)
+        config.validate()
+        data = load_corpus(corpus, encoding=config.encoding, val_fraction=config.val_fraction)
+        return config, data, _new_run_dir(data.path, run_dir), None
+    if config is not None:
+        overrides = {**dataclasses.asdict(config), **overrides}
+    run_path = ckpt.resolve(run_dir).parent
+    loaded = ckpt.load(run_path / ckpt.LATEST)
+    config = _resume_config(loaded, overrides)
+    config.validate()
+    corpus_meta = loaded.meta["corpus"]
+    corpus = corpus or corpus_meta["path"]
+    data = load_corpus(
+        corpus,
+        encoding=config.encoding,
+        val_fraction=config.val_fraction,
+        vocab=Vocabulary(loaded.meta["vocab"]),
+    )
+    if data.sha256 != corpus_meta["sha256"]:
+        raise CharlmError(
+            f"{corpus} is not the text this run was trained on (sha256 differs); "
+            "resume with the original file or start a new run"
+        )
+    return config, data, run_path, loaded
+
+
+def _check_losses(losses: np.ndarray, first_step: int, vocab_size: int) -> str | None:
+    """What went wrong, if a loss is NaN, infinite, or far above a uniform guess's ln(V)."""
+    uniform = math.log(vocab_size)
+    bad = ~np.isfinite(losses) | (losses > 2 * uniform + 1)
+    if not bad.any():
+        return None
+    index = int(np.argmax(bad))
+    value = losses[index]
+    what = (
+        f"became {value}"
+        if not np.isfinite(value)
+        else (f"exploded to {value:.3g} nats (a uniform guess scores {uniform:.3g})")
+    )
+    return f"training loss {what} at step {first_step + index}"
+
+
+def train(
+    corpus: str | None = None,
+    config: TrainConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a model on the text file `corpus`, or continue a run with `resume=True`.
+
+    Options are the fields of TrainConfig, given as `config` or as keyword overrides. A new run
+    goes to `run_dir` (default runs/<corpus name>, numbered if taken); `resume` continues the
+    run in `run_dir`, or the working directory's latest run, from its latest checkpoint.
+    Raises CharlmError for bad input and TrainingDiverged when the loss goes bad.
+    """
+    started = time.monotonic()
+    config, data, run_path, loaded = _open_run(corpus, config, run_dir, resume, overrides)
+    stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
+    # A run limited only by time sets its length from its speed, re-estimated at every
+    # evaluation, so that the learning rate has decayed when the time is up.
+    by_time = config.time_budget is not None and config.steps is None and config.epochs is None
+    total = config.steps or math.ceil((config.epochs or DEFAULT_EPOCHS) * stream.steps_per_epoch)
+    decay_steps = config.decay_steps or total
+    if by_time:
+        total = sys.maxsize
+        decay_steps = config.decay_steps or (loaded.meta.get("decay_steps") if loaded else None)
+        decay_steps = decay_steps or 10 * stream.steps_per_epoch
+
+    model_config = config.model_config(len(data.vocab))
+    optimizer = make_optimizer(config)
+    train_step = make_train_step(model_config, optimizer)
+    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    params = model.init(init_key, model_config)
+    state = {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "carry": model.initial_state(model_config, config.batch_size),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": dropout_key,
+    }
+    best_val = None
+    if loaded is not None:
+        for group in ("params", "opt_state", "carry"):
+            state[group] = jax.device_put(loaded.tree(group, state[group]))
+        state["step"] = jnp.asarray(loaded.meta["step"], jnp.int32)
+        state["rng"] = jax.random.wrap_key_data(jnp.asarray(loaded.arrays["rng"]))
+        best_val = loaded.meta.get("best_val_loss")
+    ckpt.remember_run(run_path)
+    step = start_step = int(state["step"])
+    saved_step = step if loaded else None
+    train_loss = val_loss = None
+    chars_per_sec = 0.0
+    stop = "done"
+
+    def log(message: str) -> None:
+        if progress:
+            tqdm.write(message, file=sys.stderr)
+
+    n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
+    log(
+        f"{'resuming' if loaded else 'training'} {config.cell.upper()} {config.layers}×"
+        f"{config.hidden_size} ({n_params:,} parameters) on {data.path} at step {step}: "
+        f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
+        f"vocabulary {len(data.vocab):,}; run directory {run_path}"
+    )
+
+    def save(is_best: bool) -> None:
+        """Write latest.ckpt (and best.ckpt), atomically; the losses must be checked first."""
+        nonlocal saved_step
+        arrays = jax.device_get({g: state[g] for g in ("params", "opt_state", "carry")})
+        arrays["rng"] = np.asarray(jax.random.key_data(state["rng"]))
+        meta = {
+            "charlm_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": model_config.to_dict(),
+            "vocab": data.vocab.chars,
+            "train": dataclasses.asdict(config),
+            "step": step,
+            "decay_steps": decay_steps,
+            "epoch": step / stream.steps_per_epoch,
+            "data_position": {
+                "steps_per_epoch": stream.steps_per_epoch,
+                "stream_offset": (step % stream.steps_per_epoch) * config.seq_len,
+            },
+            "corpus": _corpus_meta(data, config.encoding),
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "best_val_loss": best_val,
+        }
+        blob = ckpt.encode(meta, arrays)
+        ckpt.write_atomic(run_path / ckpt.LATEST, blob)
+        if is_best:
+            ckpt.write_atomic(run_path / ckpt.BEST, blob)
+        saved_step = step
+
+    pending: list[jax.Array] = []
+    window_start = time.monotonic()
+
+    def fetch_losses() -> None:
+        """Bring the losses since the last fetch to the host (the loop's only sync point)."""
+        nonlocal pending, train_loss, chars_per_sec, window_start
+        if not pending:
+            return
+        losses = np.asarray(jax.device_get(pending), np.float64)
+        problem = _check_losses(losses, step - len(pending) + 1, len(data.vocab))
+        if problem:
+            kept = (
+                f"the last good checkpoint (step {saved_step}) is kept in {run_path}"
+                if saved_step is not None
+                else "no checkpoint had been written yet"
+            )
+            raise TrainingDiverged(
+                f"{problem}; training stopped and {kept}; lower --lr or --clip-norm and try again"
+            )
+        now = time.monotonic()
+        chars_per_sec = len(pending) * config.batch_size * config.seq_len / (now - window_start)
+        window_start = now
+        train_loss = float(losses.mean())
+        pending = []
+
+    def evaluate_and_save() -> None:
+        nonlocal val_loss, best_val, window_start, decay_steps
+        fetch_losses()
+        record: dict[str, Any] = {"step": step, "epoch": round(step / stream.steps_per_epoch, 4)}
+        is_best = not data.val_tokens.size
+        if data.val_tokens.size:
+            nats, count = total_nats(state["params"], model_config, data.val_tokens)
+            val_loss = nats / count
+            is_best = best_val is None or val_loss < best_val
+            best_val = val_loss if is_best else best_val
+            record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
+            log(
+                f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                f"({val_loss / math.log(2):.3f} bits/char){' *best*' if is_best else ''}"
+            )
+        elapsed = time.monotonic() - started
+        if by_time and step > start_step:
+            per_step = elapsed / (step - start_step)
+            decay_steps = step + max(int((config.time_budget - elapsed) / per_step), 1)
+            bar.total = decay_steps
+        record.update(
+            train_loss=train_loss,
+            lr=learning_rate(step, config, decay_steps),
+            chars_per_sec=round(chars_per_sec),
+            elapsed=round(elapsed, 2),
+        )
+        save(is_best)
+        with open(run_path / ckpt.METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        window_start = time.monotonic()
+
+    bar = tqdm(
+        total=decay_steps if by_time else total,
+        initial=step,
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    try:
+        with _stop_on_interrupt() as interrupted:
+            while step < total:
+                if interrupted.is_set():
+                    stop = "interrupted"
+                    break
+                if config.time_budget and time.monotonic() - started > config.time_budget:
+                    stop = "time budget"
+                    break
+                inputs, targets, reset = stream.batch(step)
+                lr = np.float32(learning_rate(step, config, decay_steps))
+                state, loss, _ = train_step(state, inputs, targets, reset, lr)
+                step += 1
+                pending.append(loss)
+                bar.update(1)
+                if step % config.log_every == 0:
+                    fetch_losses()
+                    postfix = {"loss": f"{train_loss:.4f}", "chars/s": f"{chars_per_sec:,.0f}"}
+                    if val_loss is not None:
+                        postfix["val"] = f"{val_loss:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                if step % config.eval_every == 0:
+                    evaluate_and_save()
+            if stop == "interrupted":
+                fetch_losses()
+                save(is_best=False)
+            elif saved_step != step:
+                evaluate_and_save()
+    finally:
+        bar.close()
+    if stop == "interrupted":
+        log(
+            f"interrupted at step {step}; saved {run_path / ckpt.LATEST}. "
+            f"Resume with: charlm train --resume --run-dir {run_path}"
+        )
+    else:
+        log(f"stopped at step {step} ({stop}); checkpoints in {run_path}")
+    return TrainResult(run_path, step, train_loss, val_loss, best_val, stop)
