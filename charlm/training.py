@@ -140,7 +140,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_train_step(config: model.ModelConfig, optimizer: optax.GradientTransformation):
-    """The compiled step: (state, inputs, targets, reset, lr) -> (state, loss, grad_norm).
+    """The compiled step: (state, inputs, targets, reset, lr) -> (state, loss).
 
     `state` holds params, opt_state, carry (the hidden state), step and rng; its buffers are
     donated, so the caller must use only the returned state. `reset` zeroes the carried state
@@ -169,7 +169,7 @@ def make_train_step(config: model.ModelConfig, optimizer: optax.GradientTransfor
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
-        return new_state, loss, optax.global_norm(grads)
+        return new_state, loss
 
     return train_step
 
@@ -194,7 +194,7 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _new_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
+def _choose_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
     if run_dir is not None:
         path = Path(run_dir)
         if (path / ckpt.LATEST).exists():
@@ -206,7 +206,6 @@ def _new_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
         path, n = base, 2
         while path.exists():
             path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -246,7 +245,7 @@ def _open_run(
         config = dataclasses.replace(config or TrainConfig(), **overrides)
         config.validate()
         data = load_corpus(corpus, encoding=config.encoding, val_fraction=config.val_fraction)
-        return config, data, _new_run_dir(data.path, run_dir), None
+        return config, data, _choose_run_dir(data.path, run_dir), None
     if config is not None:
         overrides = {**dataclasses.asdict(config), **overrides}
     run_path = ckpt.resolve(run_dir).parent
@@ -269,20 +268,18 @@ def _open_run(
     return config, data, run_path, loaded
 
 
-def _check_losses(losses: np.ndarray, first_step: int, vocab_size: int) -> str | None:
-    """What went wrong, if a loss is NaN, infinite, or far above a uniform guess's ln(V)."""
+def _loss_problem(losses: np.ndarray, vocab_size: int) -> tuple[int, str] | None:
+    """The index and description of the first loss that is NaN, infinite, or far above the
+    ln(V) of a uniform guess (a sign of divergence), if any."""
     uniform = math.log(vocab_size)
     bad = ~np.isfinite(losses) | (losses > 2 * uniform + 1)
     if not bad.any():
         return None
     index = int(np.argmax(bad))
     value = losses[index]
-    what = (
-        f"became {value}"
-        if not np.isfinite(value)
-        else (f"exploded to {value:.3g} nats (a uniform guess scores {uniform:.3g})")
-    )
-    return f"training loss {what} at step {first_step + index}"
+    if not np.isfinite(value):
+        return index, f"became {value}"
+    return index, f"exploded to {value:.3g} nats (a uniform guess scores {uniform:.3g})"
 
 
 def train(
@@ -304,6 +301,7 @@ def train(
     started = time.monotonic()
     config, data, run_path, loaded = _open_run(corpus, config, run_dir, resume, overrides)
     stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
+    run_path.mkdir(parents=True, exist_ok=True)
     # A run limited only by time sets its length from its speed, re-estimated at every
     # evaluation, so that the learning rate has decayed when the time is up.
     by_time = config.time_budget is not None and config.steps is None and config.epochs is None
@@ -338,6 +336,7 @@ def train(
     saved_step = step if loaded else None
     train_loss = val_loss = None
     chars_per_sec = 0.0
+    eval_seconds = 0.0  # the last evaluation's duration, kept free at the end of a time budget
     stop = "done"
 
     def log(message: str) -> None:
@@ -384,22 +383,29 @@ def train(
     pending: list[jax.Array] = []
     window_start = time.monotonic()
 
+    def stop_if_diverged(kind: str, losses: np.ndarray, first_step: int) -> None:
+        problem = _loss_problem(losses, len(data.vocab))
+        if problem is None:
+            return
+        index, what = problem
+        kept = (
+            f"the last good checkpoint (step {saved_step}) is kept in {run_path}"
+            if saved_step is not None
+            else "no checkpoint had been written yet"
+        )
+        raise TrainingDiverged(
+            f"{kind} loss {what} at step {first_step + index}; training stopped and {kept}; "
+            "lower --lr or --clip-norm and try again"
+        )
+
     def fetch_losses() -> None:
-        """Bring the losses since the last fetch to the host (the loop's only sync point)."""
+        """Bring the losses since the last fetch to the host (the loop's only sync point).
+        The loss labelled step s is computed on the parameters after s updates."""
         nonlocal pending, train_loss, chars_per_sec, window_start
         if not pending:
             return
         losses = np.asarray(jax.device_get(pending), np.float64)
-        problem = _check_losses(losses, step - len(pending) + 1, len(data.vocab))
-        if problem:
-            kept = (
-                f"the last good checkpoint (step {saved_step}) is kept in {run_path}"
-                if saved_step is not None
-                else "no checkpoint had been written yet"
-            )
-            raise TrainingDiverged(
-                f"{problem}; training stopped and {kept}; lower --lr or --clip-norm and try again"
-            )
+        stop_if_diverged("training", losses, step - len(pending))
         now = time.monotonic()
         chars_per_sec = len(pending) * config.batch_size * config.seq_len / (now - window_start)
         window_start = now
@@ -407,12 +413,15 @@ def train(
         pending = []
 
     def evaluate_and_save() -> None:
-        nonlocal val_loss, best_val, window_start, decay_steps
+        nonlocal val_loss, best_val, window_start, decay_steps, eval_seconds
         fetch_losses()
+        eval_start = time.monotonic()
         record: dict[str, Any] = {"step": step, "epoch": round(step / stream.steps_per_epoch, 4)}
         is_best = not data.val_tokens.size
         if data.val_tokens.size:
             nats, count = total_nats(state["params"], model_config, data.val_tokens)
+            # The checkpoint about to be written holds exactly these parameters: vouch for them.
+            stop_if_diverged("validation", np.array([nats / count]), step)
             val_loss = nats / count
             is_best = best_val is None or val_loss < best_val
             best_val = val_loss if is_best else best_val
@@ -421,10 +430,12 @@ def train(
                 f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
                 f"({val_loss / math.log(2):.3f} bits/char){' *best*' if is_best else ''}"
             )
-        elapsed = time.monotonic() - started
+        now = time.monotonic()
+        elapsed, eval_seconds = now - started, now - eval_start
         if by_time and step > start_step:
             per_step = elapsed / (step - start_step)
-            decay_steps = step + max(int((config.time_budget - elapsed) / per_step), 1)
+            remaining = config.time_budget - elapsed - eval_seconds
+            decay_steps = step + max(int(remaining / per_step), 1)
             bar.total = decay_steps
         record.update(
             train_loss=train_loss,
@@ -451,12 +462,13 @@ def train(
                 if interrupted.is_set():
                     stop = "interrupted"
                     break
-                if config.time_budget and time.monotonic() - started > config.time_budget:
+                elapsed = time.monotonic() - started
+                if config.time_budget and elapsed + eval_seconds > config.time_budget:
                     stop = "time budget"
                     break
                 inputs, targets, reset = stream.batch(step)
                 lr = np.float32(learning_rate(step, config, decay_steps))
-                state, loss, _ = train_step(state, inputs, targets, reset, lr)
+                state, loss = train_step(state, inputs, targets, reset, lr)
                 step += 1
                 pending.append(loss)
                 bar.update(1)

@@ -1,0 +1,151 @@
+"""The three commands end to end through the CLI, and every bad input as one line and exit 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import SHARED_CORPORA
+
+from charlm import __version__
+from charlm.cli import main
+
+TINY_ARGS = ["--hidden-size", "32", "--embed-size", "8", "--batch-size", "4", "--seq-len", "16"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_train_sample_perplexity_end_to_end(corpus_file: Path):
+    trained = run("train", str(corpus_file), *TINY_ARGS, "--steps", "80", "--eval-every", "40")
+    assert trained.exit_code == 0, trained.output
+    assert "val loss" in trained.stderr and "runs/mixed" in trained.stderr
+    assert sorted(p.name for p in Path("runs/mixed").iterdir()) == [
+        "best.ckpt",
+        "latest.ckpt",
+        "metrics.jsonl",
+    ]
+
+    # No --checkpoint: the most recent run of this directory is used.
+    sampled = run("sample", "--prime", "出战", "--length", "50", "--seed", "4")
+    assert sampled.exit_code == 0
+    assert sampled.stdout.startswith("出战") and len(sampled.stdout.rstrip("\n")) >= 50
+    again = run("sample", "-p", "出战", "-n", "50", "--seed", "4", "-c", "runs/mixed")
+    assert again.stdout == sampled.stdout
+
+    several = run("sample", "-p", "将军", "-n", "30", "--seed", "1", "--num-samples", "3")
+    assert several.exit_code == 0
+    assert several.stdout.count("-" * 40) == 2
+
+    scored = run("perplexity")
+    assert scored.exit_code == 0
+    for label in ("characters:", "nats/char:", "bits/char:", "perplexity:"):
+        assert label in scored.stdout
+    as_json = json.loads(run("perplexity", "--json").stdout)
+    assert as_json["bits_per_char"] == pytest.approx(as_json["nats_per_char"] / 0.6931471805599453)
+    assert f"{as_json['perplexity']:.3f}" in scored.stdout
+
+    other = corpus_file.with_name("other.txt")
+    other.write_text("出战 the army 骑马\n", encoding="utf-8")
+    with_unknown = run("perplexity", str(other))
+    assert with_unknown.exit_code == 0
+    assert "unknown chars:   2 removed" in with_unknown.stdout
+
+    resumed = run("train", "--resume", "--steps", "90")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.stderr and "at step 80" in resumed.stderr
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing", "directory", "empty", "binary", "undecodable", "short"]
+)
+def test_bad_corpus_gives_one_line(tmp_path: Path, kind: str):
+    path = tmp_path / "corpus.txt"
+    expected = {
+        "missing": "no such file",
+        "directory": "is a directory",
+        "empty": "is empty",
+        "binary": "binary",
+        "undecodable": "--encoding",
+        "short": "too few for one batch",
+    }[kind]
+    if kind == "directory":
+        path.mkdir()
+    elif kind != "missing":
+        path.write_bytes(
+            {
+                "empty": b"",
+                "binary": bytes(range(256)) * 4,
+                "undecodable": b"na\xefve " * 50,
+                "short": "出战".encode() * 10,
+            }[kind]
+        )
+    assert_one_line_error(run("train", str(path), *TINY_ARGS), expected)
+    assert not Path("runs").exists()
+
+
+def test_gbk_corpus_names_the_option_that_loads_it(tmp_path: Path):
+    path = tmp_path / "gbk.txt"
+    path.write_bytes(("话说天下大势，分久必合，合久必分。" * 40 + "\n").encode("gbk"))
+    assert_one_line_error(run("train", str(path), *TINY_ARGS), "--encoding gb18030")
+    loaded = run("train", str(path), "--encoding", "gb18030", *TINY_ARGS, "--steps", "2", "--quiet")
+    assert loaded.exit_code == 0, loaded.output
+
+
+def test_sample_and_perplexity_without_a_run(tmp_path: Path):
+    assert_one_line_error(run("sample"), "no run recorded")
+    assert_one_line_error(run("perplexity"), "no run recorded")
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"\x00" * 100)
+    assert_one_line_error(run("sample", "-c", str(broken)), "not a readable charlm checkpoint")
+
+
+def test_sample_prime_outside_vocabulary(trained_run: Path):
+    assert_one_line_error(
+        run("sample", "-c", str(trained_run), "-p", "出Ω"), "'Ω'", "--drop-unknown"
+    )
+    dropped = run(
+        "sample", "-c", str(trained_run), "-p", "出Ω", "-n", "5", "--drop-unknown", "--seed", "0"
+    )
+    assert dropped.exit_code == 0 and dropped.stdout.startswith("出")
+
+
+def test_options_are_validated_by_the_cli():
+    bad = run("train", "x.txt", "--time-budget", "ten minutes")
+    assert bad.exit_code == 2 and "is not a duration" in bad.stderr
+    assert run("sample", "--temperature", "0").exit_code == 2
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"charlm, version {__version__}"
+    for command in ("train", "sample", "perplexity"):
+        assert run(command, "--help").exit_code == 0
+
+
+def test_help_does_not_import_jax():
+    """`charlm --help` must answer at once: JAX is imported only by the commands that run."""
+    code = "import sys; from charlm.cli import main; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not (SHARED_CORPORA / "sanguo.txt").exists(), reason="needs ../shared/corpora")
+def test_real_chinese_corpus_trains_briefly(tmp_path: Path):
+    corpus = str(SHARED_CORPORA / "sanguo.txt")
+    trained = run("train", corpus, *TINY_ARGS, "--steps", "3", "--eval-every", "100", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    sampled = run("sample", "-p", "出战", "-n", "20", "--seed", "0")
+    assert sampled.exit_code == 0 and sampled.stdout.startswith("出战")

@@ -1,0 +1,107 @@
+"""Sampling: reproducible streams, the filters, greedy decoding, primes outside the vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import charlm
+from charlm import checkpoint as ckpt
+from charlm import model
+from charlm.errors import CharlmError
+from charlm.sampling import filter_logits, generate, sample_stream
+
+
+def test_same_seed_same_text_whatever_the_chunking(trained_run: Path):
+    first = charlm.sample(trained_run, prime="出战", length=150, seed=7)
+    again = charlm.sample(trained_run, prime="出战", length=150, seed=7, chunk_size=5)
+    other = charlm.sample(trained_run, prime="出战", length=150, seed=8)
+    assert first == again
+    assert first != other
+    assert first[0].startswith("出战") and len(first[0]) == 2 + 150
+
+
+def test_a_sample_does_not_depend_on_how_many_are_drawn_beside_it(trained_run: Path):
+    alone = charlm.sample(trained_run, prime="the", length=80, seed=3)
+    together = charlm.sample(trained_run, prime="the", length=80, seed=3, num_samples=3)
+    assert together[0] == alone[0]
+    assert len(set(together)) == 3
+
+
+def test_stream_yields_the_prime_then_pieces(trained_run: Path):
+    pieces = list(sample_stream(trained_run, prime="将军", length=200, seed=1, chunk_size=64))
+    assert pieces[0] == ["将军"]
+    # The two prime characters share the first compiled chunk of 64 with 62 generated ones.
+    assert [len(p[0]) for p in pieces[1:]] == [62, 64, 64, 10]
+
+
+def test_greedy_equals_top_k_one_and_is_deterministic(trained_run: Path):
+    greedy = charlm.sample(trained_run, prime="曹操", length=60, greedy=True, seed=1)
+    top1 = charlm.sample(trained_run, prime="曹操", length=60, top_k=1, seed=2)
+    tiny_nucleus = charlm.sample(trained_run, prime="曹操", length=60, top_p=1e-6, seed=3)
+    assert greedy == top1 == tiny_nucleus
+
+
+def test_generated_text_matches_the_model_step_by_step(trained_run: Path):
+    """Greedy generation must pick the argmax of model.apply's logits after each character."""
+    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    context = vocab.encode("刘备")
+    tokens = np.concatenate(
+        list(generate(params, config, context, 12, jax.random.key(0), greedy=True)), axis=1
+    )[0]
+    sequence = list(context)
+    for token in tokens:
+        logits, _ = model.apply(
+            params, jnp.asarray([sequence]), model.initial_state(config, 1), config
+        )
+        assert token == int(jnp.argmax(logits[0, -1]))
+        sequence.append(int(token))
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+
+    def kept(k: int, p: float) -> np.ndarray:
+        return np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))[0]
+
+    assert kept(2, 1.0).tolist() == [True, True, False, False, False]
+    assert kept(0, 0.5).tolist() == [True, False, False, False, False]
+    # 0.5 + 0.2 = 0.7 < 0.8, so the third character is needed to reach 0.8.
+    assert kept(0, 0.8).tolist() == [True, True, True, False, False]
+    assert kept(0, 1.0).all()
+    # top-p applies to the top-k distribution, renormalised: 0.5/0.7 ≥ 0.7.
+    assert kept(2, 0.7).tolist() == [True, False, False, False, False]
+
+
+def test_temperature_sharpens_the_distribution(trained_run: Path):
+    cold = charlm.sample(trained_run, prime="将", length=300, temperature=0.05, seed=5)[0]
+    greedy = charlm.sample(trained_run, prime="将", length=300, greedy=True)[0]
+    hot = charlm.sample(trained_run, prime="将", length=300, temperature=3.0, seed=5)[0]
+
+    def agreement(a: str, b: str) -> float:
+        return sum(x == y for x, y in zip(a, b)) / len(a)
+
+    assert agreement(cold, greedy) > agreement(hot, greedy)
+
+
+def test_prime_outside_vocabulary_is_named_or_dropped(trained_run: Path):
+    with pytest.raises(CharlmError, match=r"'Zé'.*--drop-unknown"):
+        charlm.sample(trained_run, prime="出Zé战", length=5, seed=0)
+    dropped = charlm.sample(trained_run, prime="出Zé战", length=5, seed=0, drop_unknown=True)
+    assert dropped == charlm.sample(trained_run, prime="出战", length=5, seed=0)
+
+
+def test_empty_prime_starts_a_new_paragraph(trained_run: Path):
+    text = charlm.sample(trained_run, length=40, seed=0)[0]
+    assert len(text) == 40
+
+
+def test_bad_options_are_refused(trained_run: Path):
+    with pytest.raises(CharlmError, match="temperature"):
+        charlm.sample(trained_run, temperature=0.0)
+    with pytest.raises(CharlmError, match="top-p"):
+        charlm.sample(trained_run, top_p=0.0)

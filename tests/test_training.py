@@ -1,0 +1,137 @@
+"""The training loop: exact resume, checkpoints and metrics, divergence, Ctrl-C, time budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+import charlm
+from charlm import checkpoint as ckpt
+from charlm.errors import CharlmError
+from charlm.training import TrainConfig, TrainingDiverged, learning_rate
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resume_is_bit_for_bit(corpus_file: Path, cell: str):
+    """N steps, then resume to N+M, equals N+M steps in one go: parameters, optimizer state
+    and carried hidden state, exactly. Dropout is on, so the PRNG state must carry too."""
+    options = dict(TINY, cell=cell, dropout=0.3, eval_every=7, progress=False)
+    charlm.train(str(corpus_file), run_dir="one-go", steps=30, **options)
+    charlm.train(str(corpus_file), run_dir="split", steps=12, decay_steps=30, **options)
+    resumed = charlm.train(resume=True, run_dir="split", steps=30, progress=False)
+    assert resumed.step == 30
+    one_go = ckpt.load(Path("one-go") / ckpt.LATEST).arrays
+    split = ckpt.load(Path("split") / ckpt.LATEST).arrays
+    assert one_go.keys() == split.keys()
+    assert any(name.startswith("carry/") for name in one_go)
+    for name in one_go:
+        np.testing.assert_array_equal(one_go[name], split[name], err_msg=name)
+
+
+def test_run_directory_checkpoints_and_metrics(corpus_file: Path):
+    result = charlm.train(str(corpus_file), steps=45, progress=False, **TINY)
+    assert result.run_dir == Path("runs/mixed")
+    assert result.stop == "done"
+    records = [
+        json.loads(line) for line in (result.run_dir / ckpt.METRICS).read_text().splitlines()
+    ]
+    # Evaluations at steps 20 and 40, and a last one at the end.
+    assert [r["step"] for r in records] == [20, 40, 45]
+    assert all(math.isfinite(r["val_loss"]) and r["val_bpc"] > 0 for r in records)
+    best = min(r["val_loss"] for r in records)
+    assert ckpt.load(result.run_dir / ckpt.BEST).meta["val_loss"] == best
+    latest = ckpt.load(result.run_dir / ckpt.LATEST).meta
+    assert latest["step"] == 45
+    assert latest["corpus"]["sha256"] and latest["corpus"]["split_index"] > 0
+    assert latest["model"]["cell"] == "lstm"
+    assert Path(ckpt.LAST_RUN_FILE).read_text().strip() == str(result.run_dir.resolve())
+    # A second run of the same corpus does not touch the first one's directory.
+    again = charlm.train(str(corpus_file), steps=5, progress=False, **TINY)
+    assert again.run_dir == Path("runs/mixed-2")
+
+
+def test_explicit_run_dir_is_never_overwritten(corpus_file: Path):
+    charlm.train(str(corpus_file), run_dir="mine", steps=5, progress=False, **TINY)
+    before = (Path("mine") / ckpt.LATEST).read_bytes()
+    with pytest.raises(CharlmError, match="already holds a run; continue it with --resume"):
+        charlm.train(str(corpus_file), run_dir="mine", steps=5, progress=False, **TINY)
+    assert (Path("mine") / ckpt.LATEST).read_bytes() == before
+
+
+def test_resume_refuses_changed_model_or_corpus(corpus_file: Path, tmp_path: Path):
+    charlm.train(str(corpus_file), run_dir="r", steps=5, progress=False, **TINY)
+    with pytest.raises(CharlmError, match="--hidden-size cannot change when resuming"):
+        charlm.train(resume=True, run_dir="r", hidden_size=64, progress=False)
+    corpus_file.write_text(corpus_file.read_text(encoding="utf-8")[::-1], encoding="utf-8")
+    with pytest.raises(CharlmError, match="sha256 differs"):
+        charlm.train(resume=True, run_dir="r", steps=10, progress=False)
+
+
+def test_nan_or_exploding_loss_stops_and_keeps_last_good_checkpoint(corpus_file: Path):
+    # The first update runs at lr 0 (warm-up), so the checkpoint at step 1 is good; the second,
+    # at lr 3333, wrecks the weights, which the validation before the step-2 save catches.
+    options = dict(TINY, lr=1e4, warmup_steps=3, clip_norm=1e9, eval_every=1, log_every=1)
+    message = (
+        r"validation loss (became nan|exploded).* at step 2; .*last good checkpoint \(step 1\)"
+    )
+    with pytest.raises(TrainingDiverged, match=message):
+        charlm.train(str(corpus_file), run_dir="d", steps=50, progress=False, **options)
+    kept = ckpt.load(Path("d") / ckpt.LATEST)
+    assert kept.meta["step"] == 1
+    assert all(np.isfinite(a).all() for a in kept.arrays.values() if a.dtype.kind == "f")
+
+
+def test_time_budget_stops_and_saves(corpus_file: Path):
+    start = time.monotonic()
+    result = charlm.train(str(corpus_file), time_budget=3.0, progress=False, **TINY)
+    assert result.stop == "time budget"
+    assert time.monotonic() - start < 3.0 + 5.0  # one last evaluation and save at most
+    assert ckpt.load(result.run_dir / ckpt.LATEST).meta["step"] == result.step > 0
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(corpus_file: Path):
+    run = Path("interrupted")
+    command = [sys.executable, "-m", "charlm", "train", str(corpus_file), "--run-dir", str(run)]
+    command += ["--steps", "100000", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "16"]
+    command += ["--eval-every", "5"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / ckpt.METRICS).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert f"Resume with: charlm train --resume --run-dir {run}" in stderr
+    step = ckpt.load(run / ckpt.LATEST).meta["step"]
+    assert 5 <= step < 100000
+    resumed = charlm.train(resume=True, run_dir=run, steps=step + 3, progress=False)
+    assert resumed.step == step + 3
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert learning_rate(0, config, 110) == 0.0
+    assert learning_rate(5, config, 110) == pytest.approx(5e-4)
+    assert learning_rate(10, config, 110) == pytest.approx(1e-3)
+    assert learning_rate(60, config, 110) == pytest.approx(5.5e-4)
+    assert learning_rate(110, config, 110) == pytest.approx(1e-4)
+    assert learning_rate(500, config, 110) == pytest.approx(1e-4)
+
+
+def test_invalid_options_are_refused(corpus_file: Path):
+    with pytest.raises(CharlmError, match="--batch-size must be at least 1"):
+        charlm.train(str(corpus_file), batch_size=0, progress=False)
+    with pytest.raises(CharlmError, match="give a text file"):
+        charlm.train(progress=False)
+    assert not os.path.exists("runs")
