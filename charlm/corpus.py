@@ -145,7 +145,8 @@ class Corpus:
 
     @property
     def split_index(self) -> int:
-        return len(self.tokens) - round(len(self.tokens) * self.val_fraction)
+        """Where the held-out split begins: int(n·(1 − f)), the cut nanoGPT makes."""
+        return int(len(self.tokens) * (1.0 - self.val_fraction))
 
     @property
     def train_tokens(self) -> np.ndarray:

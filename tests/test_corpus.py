@@ -96,6 +96,14 @@ def test_split_holds_out_the_end_and_records_provenance(tmp_path: Path):
     assert len(corpus.train_tokens) + len(corpus.val_tokens) == 100
 
 
+def test_tinyshakespeare_split_is_nanogpts(tmp_path: Path):
+    """nanoGPT holds out data[int(n * 0.9):]; for tiny-shakespeare's 1,115,394 characters
+    that starts at 1,003,854."""
+    path = tmp_path / "t.txt"
+    path.write_text("x" * 1_115_394, encoding="utf-8")
+    assert load_corpus(path).split_index == int(1_115_394 * 0.9) == 1_003_854
+
+
 def test_resumed_vocabulary_rejects_new_characters(tmp_path: Path):
     path = tmp_path / "t.txt"
     path.write_text("abcxyz", encoding="utf-8")
