@@ -156,7 +156,7 @@ def main() -> None:
 @click.option(
     "--time-budget",
     type=Duration(),
-    help="Stop after this wall-clock time (e.g. 10m, 1h30m), saving a checkpoint.",
+    help="Stop after this wall-clock time (e.g. 10m, 1h30m), saving a checkpoint. Alone (no --steps or --epochs), it also sets the run's length: the decay is fitted to the time.",
 )
 @click.option(
     "--eval-every",

@@ -282,6 +282,10 @@ def _loss_problem(losses: np.ndarray, vocab_size: int) -> tuple[int, str] | None
     return index, f"exploded to {value:.3g} nats (a uniform guess scores {uniform:.3g})"
 
 
+def _show(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
+
+
 def train(
     corpus: str | None = None,
     config: TrainConfig | None = None,
@@ -427,7 +431,7 @@ def train(
             best_val = val_loss if is_best else best_val
             record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
             log(
-                f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                f"step {step}: train loss {_show(train_loss)}, val loss {val_loss:.4f} "
                 f"({val_loss / math.log(2):.3f} bits/char){' *best*' if is_best else ''}"
             )
         now = time.monotonic()
@@ -447,6 +451,12 @@ def train(
         with open(run_path / ckpt.METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         window_start = time.monotonic()
+
+    def show_progress() -> None:
+        postfix = {"loss": _show(train_loss), "chars/s": f"{chars_per_sec:,.0f}"}
+        if val_loss is not None:
+            postfix["val"] = _show(val_loss)
+        bar.set_postfix(postfix, refresh=False)
 
     bar = tqdm(
         total=decay_steps if by_time else total,
@@ -474,17 +484,16 @@ def train(
                 bar.update(1)
                 if step % config.log_every == 0:
                     fetch_losses()
-                    postfix = {"loss": f"{train_loss:.4f}", "chars/s": f"{chars_per_sec:,.0f}"}
-                    if val_loss is not None:
-                        postfix["val"] = f"{val_loss:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
                 if step % config.eval_every == 0:
                     evaluate_and_save()
+                if step % config.log_every == 0 or step % config.eval_every == 0:
+                    show_progress()
             if stop == "interrupted":
                 fetch_losses()
                 save(is_best=False)
             elif saved_step != step:
                 evaluate_and_save()
+                show_progress()
     finally:
         bar.close()
     if stop == "interrupted":

@@ -149,3 +149,38 @@ def test_real_chinese_corpus_trains_briefly(tmp_path: Path):
     assert trained.exit_code == 0, trained.output
     sampled = run("sample", "-p", "出战", "-n", "20", "--seed", "0")
     assert sampled.exit_code == 0 and sampled.stdout.startswith("出战")
+
+
+def test_train_help_states_the_real_defaults():
+    """The CLI must not import JAX for --help, so train's defaults are written into its help
+    text by hand; they must equal TrainConfig's."""
+    import dataclasses
+    import re
+
+    from charlm.cli import train
+    from charlm.training import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for param in train.params:
+        if param.name not in defaults or defaults[param.name] is None:
+            continue
+        stated = re.search(r"\[default: ([^\]]+)\]", param.help or "")
+        assert stated, f"--{param.name} states no default"
+        value = defaults[param.name]
+        if isinstance(value, str):
+            assert stated.group(1) == value
+        else:
+            assert float(stated.group(1)) == float(value), param.name
+        checked += 1
+    assert checked >= 15
+
+
+def test_readme_documents_every_command_and_option():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name, command in main.commands.items():
+        assert f"charlm {name}" in readme
+        for param in command.params:
+            for option in param.opts:
+                if option.startswith("--"):
+                    assert option in readme, f"README does not document charlm {name} {option}"

@@ -99,6 +99,12 @@ def test_time_budget_stops_and_saves(corpus_file: Path):
     assert ckpt.load(result.run_dir / ckpt.LATEST).meta["step"] == result.step > 0
 
 
+def test_budget_spent_before_the_first_step_still_saves(corpus_file: Path):
+    result = charlm.train(str(corpus_file), time_budget=1e-9, progress=True, **TINY)
+    assert (result.stop, result.step, result.train_loss) == ("time budget", 0, None)
+    assert ckpt.load(result.run_dir / ckpt.LATEST).meta["step"] == 0
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(corpus_file: Path):
     run = Path("interrupted")
     command = [sys.executable, "-m", "charlm", "train", str(corpus_file), "--run-dir", str(run)]
