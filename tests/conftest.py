@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def corpus_file(tmp_path: Path) -> Path:
     path = tmp_path / "mixed.txt"
     path.write_text(mixed_text(), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The CLI keeps JAX's compilation cache under XDG_CACHE_HOME: keep the tests' out of ~."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(autouse=True)
