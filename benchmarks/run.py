@@ -1,0 +1,409 @@
+"""charlm against the PyTorch model a good PyTorch user would write, side by side in one process.
+
+    pip install ".[bench]"            # PyTorch CPU build (torch==2.13.0 on these machines)
+    python benchmarks/run.py          # writes benchmarks/RESULTS.md
+    python benchmarks/run.py --quick  # fewer steps, for checking that it runs
+
+Every speed is reported as a ratio to the reference measured in the same run on the same
+machine; compilation and warm-up are excluded from throughput and reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+from charlm import model
+from charlm.evaluation import total_nats
+from charlm.sampling import generate
+from charlm.training import TrainConfig, make_optimizer, make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark model: the sizes issue 4 names."""
+
+    name: str
+    cell: str
+    layers: int
+    hidden: int
+    vocab: int
+    batch: int
+    seq: int
+    embed: int = 64
+
+    def config(self) -> model.ModelConfig:
+        return model.ModelConfig(self.vocab, self.cell, self.layers, self.hidden, self.embed)
+
+    def train_flops_per_char(self) -> float:
+        """Matmul FLOPs of forward and backward (3× forward) per character."""
+        gates = model.GATES[self.cell]
+        forward = 2 * self.embed * gates * self.hidden
+        forward += 2 * (self.layers - 1) * self.hidden * gates * self.hidden
+        forward += 2 * self.layers * self.hidden * gates * self.hidden
+        forward += 2 * self.hidden * self.vocab
+        return 3.0 * forward
+
+
+SHAPES = {
+    "S": Shape("S", "lstm", 2, 256, 65, 32, 100),
+    "M": Shape("M", "lstm", 2, 512, 4000, 32, 100),
+    "M-GRU": Shape("M-GRU", "gru", 2, 512, 4000, 32, 100),
+    "L": Shape("L", "lstm", 3, 1024, 4000, 128, 128),
+}
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds per call of fn, the median of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class TorchCharRNN(nn.Module):
+    """The reference: embedding, nn.LSTM/nn.GRU, linear head, as a PyTorch user writes it."""
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        rnn = nn.LSTM if shape.cell == "lstm" else nn.GRU
+        self.embed = nn.Embedding(shape.vocab, shape.embed)
+        self.rnn = rnn(shape.embed, shape.hidden, shape.layers, batch_first=True)
+        self.head = nn.Linear(shape.hidden, shape.vocab)
+
+    def forward(self, tokens, state=None):
+        outputs, state = self.rnn(self.embed(tokens), state)
+        return self.head(outputs), state
+
+
+def _detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def torch_train_speed(shape: Shape, steps: int) -> float:
+    """Characters per second of Adam training steps with carried state (TBPTT), clip 5."""
+    torch.manual_seed(0)
+    net = TorchCharRNN(shape)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, shape.vocab, (shape.batch, shape.seq + 1)) for _ in range(4)]
+    state = None
+
+    def step(i: int) -> None:
+        nonlocal state
+        window = torch.from_numpy(batches[i % 4])
+        logits, state = net(window[:, :-1], state)
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, shape.vocab), window[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        optimizer.step()
+        state = _detach(state)
+
+    for i in range(3):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * shape.batch * shape.seq / (time.perf_counter() - start)
+
+
+def charlm_train_speed(shape: Shape, steps: int) -> tuple[float, float]:
+    """Characters per second of charlm's compiled step, and the seconds of its compilation."""
+    config = shape.config()
+    optimizer = make_optimizer(TrainConfig())
+    train_step = make_train_step(config, optimizer)
+    params = model.init(jax.random.key(0), config)
+    state = {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "carry": model.initial_state(config, shape.batch),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key(1),
+    }
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.integers(0, shape.vocab, (shape.batch, shape.seq + 1)).astype(np.int32)
+        for _ in range(4)
+    ]
+    lr = np.float32(2e-3)
+
+    def step(state, i):
+        window = batches[i % 4]
+        return train_step(state, window[:, :-1], window[:, 1:], i == 0, lr)[0]
+
+    start = time.perf_counter()
+    state = step(state, 0)
+    jax.block_until_ready(state)
+    compile_seconds = time.perf_counter() - start
+    for i in range(1, 3):
+        state = step(state, i)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(steps):
+        state = step(state, i + 3)
+    jax.block_until_ready(state)
+    return steps * shape.batch * shape.seq / (time.perf_counter() - start), compile_seconds
+
+
+def matmul_peak(size: int = 4096) -> float:
+    """FLOP/s of a large float32 matmul in JAX: the machine's practical peak."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, a))
+    return 2 * size**3 / timed(lambda: jax.block_until_ready(matmul(a, a)), 5)
+
+
+def torch_sample_speed(shape: Shape, batch: int, length: int) -> float:
+    """Characters per second of the usual per-character loop under inference_mode, at the
+    better of one thread and all threads."""
+    torch.manual_seed(0)
+    net = TorchCharRNN(shape).eval()
+    best = 0.0
+    default_threads = torch.get_num_threads()
+    for threads in sorted({1, default_threads}):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            tokens = torch.zeros((batch, 1), dtype=torch.long)
+            state = None
+            for _ in range(20):
+                logits, state = net(tokens, state)
+            start = time.perf_counter()
+            for _ in range(length):
+                logits, state = net(tokens, state)
+                tokens = torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1)
+            best = max(best, batch * length / (time.perf_counter() - start))
+    torch.set_num_threads(default_threads)
+    return best
+
+
+def charlm_sample_speed(shape: Shape, batch: int, length: int) -> float:
+    config = shape.config()
+    params = model.init(jax.random.key(0), config)
+    context = np.zeros(1, np.int32)
+
+    def run() -> None:
+        for _ in generate(params, config, context, length, jax.random.key(0), num_samples=batch):
+            pass
+
+    run()
+    return batch * length / timed(run, 3)
+
+
+def torch_eval_speed(shape: Shape, tokens: np.ndarray, chunk: int = 1024) -> float:
+    torch.manual_seed(0)
+    net = TorchCharRNN(shape).eval()
+    data = torch.from_numpy(tokens.astype(np.int64))
+
+    def run() -> None:
+        state, total = None, 0.0
+        with torch.inference_mode():
+            for start in range(0, len(data) - 1, chunk):
+                x = data[start : start + chunk][None]
+                y = data[start + 1 : start + chunk + 1][None]
+                logits, state = net(x[:, : y.shape[1]], state)
+                total += float(nn.functional.cross_entropy(logits[0], y[0], reduction="sum"))
+
+    run()
+    return (len(tokens) - 1) / timed(run, 3)
+
+
+def charlm_eval_speed(shape: Shape, tokens: np.ndarray) -> float:
+    config = shape.config()
+    params = model.init(jax.random.key(0), config)
+    total_nats(params, config, tokens)
+    return (len(tokens) - 1) / timed(lambda: total_nats(params, config, tokens), 3)
+
+
+def _charlm(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "charlm", *args], env=env, **kwargs)
+
+
+def help_seconds() -> float:
+    def run() -> None:
+        _charlm("--help", stdout=subprocess.DEVNULL).wait()
+
+    return timed(run, 5)
+
+
+def first_character_seconds(checkpoint: Path, cache: Path) -> float:
+    """Seconds from starting `charlm sample` to its first generated character."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = _charlm(
+        "sample",
+        "-c",
+        str(checkpoint),
+        "--prime",
+        "a",
+        "--seed",
+        "0",
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    proc.stdout.read(2)  # the prime, then the first generated character
+    elapsed = time.perf_counter() - start
+    proc.kill()
+    proc.wait()
+    return elapsed
+
+
+def training_peak_memory(corpus: Path, workdir: Path, steps: int) -> float:
+    """Peak resident memory (GiB) of `charlm train` on `corpus`, in its own process (the
+    largest of this process's children so far, which the training run is)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    _charlm(
+        "train",
+        str(corpus),
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(steps),
+        "--quiet",
+        cwd=workdir,
+    ).wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(before, after) / 2**20
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return {
+        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "device": str(jax.devices()[0].device_kind),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit or "unknown",
+        "versions": f"jax {jax.__version__}, torch {torch.__version__}, Python {platform.python_version()}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps, to check that it runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args()
+    steps, length = (5, 200) if args.quick else (30, 2000)
+    on_gpu = jax.default_backend() == "gpu"
+    rows: list[tuple[str, str, str, str]] = []
+
+    def row(figure: str, ours: float, reference: float | None, unit: str) -> None:
+        ratio = f"{ours / reference:.2f}×" if reference else ""
+        rows.append(
+            (figure, f"{ours:,.0f} {unit}", f"{reference:,.0f} {unit}" if reference else "", ratio)
+        )
+        print(rows[-1], flush=True)
+
+    peak = matmul_peak()
+    rows.append(("float32 matmul peak (4096²)", f"{peak / 1e9:,.0f} GFLOP/s", "", ""))
+    compile_times = {}
+    for name in ["S", "M", "M-GRU", *(["L"] if on_gpu else [])]:
+        shape = SHAPES[name]
+        ours, compile_times[name] = charlm_train_speed(shape, steps)
+        row(
+            f"training {name} ({shape.layers}×{shape.hidden} {shape.cell.upper()}, V {shape.vocab})",
+            ours,
+            torch_train_speed(shape, steps),
+            "chars/s",
+        )
+        if name == "M":
+            rows.append(
+                (
+                    "fraction of matmul peak, training M",
+                    f"{ours * shape.train_flops_per_char() / peak:.0%}",
+                    "",
+                    "",
+                )
+            )
+    for name in ("S", "M"):
+        for batch in (1, 64):
+            shape = SHAPES[name]
+            row(
+                f"sampling {name}, batch {batch}",
+                charlm_sample_speed(shape, batch, length),
+                torch_sample_speed(shape, batch, length),
+                "chars/s",
+            )
+    tokens = np.random.default_rng(0).integers(0, 4000, 20_000 if not args.quick else 3000)
+    row(
+        "perplexity evaluation M",
+        charlm_eval_speed(SHAPES["M"], tokens),
+        torch_eval_speed(SHAPES["M"], tokens),
+        "chars/s",
+    )
+    for name, seconds in compile_times.items():
+        rows.append((f"compile time of the training step, {name}", f"{seconds:.1f} s", "", ""))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = work / "corpus.txt"
+        corpus.write_text("出战 the army rides at dawn。\n" * 400, encoding="utf-8")
+        _charlm(
+            "train",
+            str(corpus),
+            "--steps",
+            "1",
+            "--quiet",
+            "--run-dir",
+            str(work / "run"),
+            cwd=work,
+        ).wait()
+        rows.append(("`charlm --help`", f"{help_seconds():.2f} s", "", ""))
+        cache = work / "cache"
+        cold = first_character_seconds(work / "run", cache)
+        warm = first_character_seconds(work / "run", cache)
+        rows.append(
+            (
+                "`charlm sample` to first character, cold / warm cache",
+                f"{cold:.2f} s / {warm:.2f} s",
+                "",
+                "",
+            )
+        )
+        if SANGUO.exists():
+            memory = training_peak_memory(SANGUO, work, 50 if not args.quick else 5)
+            rows.append(("peak memory, training on 三国演义", f"{memory:.2f} GiB", "", ""))
+
+    info = machine()
+    lines = ["# Benchmark results", ""]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += ["", "| figure | charlm | PyTorch reference | ratio |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
