@@ -33,7 +33,7 @@ from torch import nn
 from charlm import model
 from charlm.evaluation import total_nats
 from charlm.sampling import generate
-from charlm.training import TrainConfig, make_optimizer, make_train_step
+from charlm.training import TrainConfig, init_state, make_optimizer, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"
@@ -137,14 +137,7 @@ def charlm_train_speed(shape: Shape, steps: int) -> tuple[float, float]:
     config = shape.config()
     optimizer = make_optimizer(TrainConfig())
     train_step = make_train_step(config, optimizer)
-    params = model.init(jax.random.key(0), config)
-    state = {
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "carry": model.initial_state(config, shape.batch),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(1),
-    }
+    state = init_state(config, optimizer, shape.batch, seed=0)
     rng = np.random.default_rng(0)
     batches = [
         rng.integers(0, shape.vocab, (shape.batch, shape.seq + 1)).astype(np.int32)

@@ -65,6 +65,11 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except BrokenPipeError:
             sys.stderr.close()
             sys.exit(0)
+        except OSError as err:
+            # A run directory that cannot be made, a full disk, a file that cannot be read.
+            where = f": {err.filename}" if err.filename else ""
+            click.echo(f"charlm: error: {err.strerror or err}{where}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -142,7 +147,11 @@ def main() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Clip gradients to this global norm. [default: 5]",
 )
-@click.option("--seed", type=int, help="Seed for initialisation and dropout. [default: 0]")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    help="Seed for initialisation and dropout. [default: 0]",
+)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
@@ -227,7 +236,9 @@ def train(
 )
 @click.option("--greedy", is_flag=True, help="Always take the most likely character (argmax).")
 @click.option(
-    "--seed", type=int, help="Random seed; the same seed gives the same text. [default: random]"
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    help="Random seed; the same seed gives the same text. [default: random]",
 )
 @click.option(
     "--num-samples",

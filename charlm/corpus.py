@@ -47,26 +47,27 @@ def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
         raise CharlmError(f"no such file: {path}")
     if path.is_dir():
         raise CharlmError(f"{path} is a directory; give the path of a text file")
-    if encoding is not None:
-        try:
-            codecs.lookup(encoding)
-        except LookupError:
-            raise CharlmError(
-                f"unknown encoding {encoding!r}; use a Python codec name such as utf-8 or gb18030"
-            ) from None
+    name = encoding or "utf-8"
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        raise CharlmError(
+            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8 or gb18030"
+        ) from None
     data = path.read_bytes()
     if not data:
         raise CharlmError(f"{path} is empty; give a file with some text in it")
-    name = encoding or "utf-8"
-    if b"\x00" in data[:_BINARY_PROBE_BYTES] and not name.lower().replace("-", "").startswith(
-        ("utf16", "utf32")
-    ):
+    if b"\x00" in data[:_BINARY_PROBE_BYTES] and not codec.startswith(("utf-16", "utf-32")):
         raise CharlmError(
             f"{path} looks like a binary file (it contains NUL bytes), not text; "
             "if it is UTF-16 text, pass --encoding utf-16"
         )
     try:
         text = data.decode(name)
+    except LookupError:
+        raise CharlmError(
+            f"{encoding!r} is not a text encoding; use one such as utf-8 or gb18030"
+        ) from None
     except UnicodeDecodeError as err:
         if encoding is None and _looks_like_gb18030(data):
             raise CharlmError(

@@ -160,7 +160,9 @@ def sample_stream(
     working directory's latest run. An empty prime starts from a newline (a fresh paragraph)
     when the vocabulary has one."""
     if length < 0 or num_samples < 1 or chunk_size < 1:
-        raise CharlmError("--length must not be negative and --num-samples must be at least 1")
+        raise CharlmError("length must not be negative; num_samples and chunk_size at least 1")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise CharlmError("--seed must be in [0, 2**63)")
     if not temperature > 0:
         raise CharlmError("--temperature must be positive (use --greedy for argmax)")
     if top_k < 0 or not 0 < top_p <= 1:

@@ -84,6 +84,8 @@ class TrainConfig:
             raise CharlmError(
                 "--lr and --clip-norm must be positive, --min-lr and --warmup-steps not negative"
             )
+        if not 0 <= self.seed < 2**63:
+            raise CharlmError("--seed must be in [0, 2**63)")
         if not 0.0 <= self.dropout < 1.0:
             raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.cell not in model.CELLS:
@@ -97,6 +99,8 @@ class TrainConfig:
 
 # Options that may differ when a run is resumed; every other one must match the checkpoint.
 RESUMABLE = {"steps", "epochs", "time_budget", "eval_every", "log_every"}
+# The options that set a run's length: on resume, those given replace all of the saved ones.
+LENGTH = ("steps", "epochs", "time_budget")
 
 
 @dataclass(frozen=True)
@@ -139,26 +143,49 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def sequence_loss(
+    params: model.Params,
+    inputs: jax.Array,
+    targets: jax.Array,
+    carry: model.State,
+    config: model.ModelConfig,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, model.State]:
+    """Mean cross-entropy in nats per character of a (batch, time) window, and the state after it."""
+    logits, carry = model.apply(params, inputs, carry, config, dropout_key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), carry
+
+
+def init_state(
+    config: model.ModelConfig, optimizer: optax.GradientTransformation, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """A fresh training state: params, opt_state, carry (the hidden state), step and rng (the
+    key that dropout masks are derived from, step by step)."""
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    params = model.init(init_key, config)
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "carry": model.initial_state(config, batch_size),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": dropout_key,
+    }
+
+
 def make_train_step(config: model.ModelConfig, optimizer: optax.GradientTransformation):
     """The compiled step: (state, inputs, targets, reset, lr) -> (state, loss).
 
-    `state` holds params, opt_state, carry (the hidden state), step and rng; its buffers are
-    donated, so the caller must use only the returned state. `reset` zeroes the carried state
-    first, where the data streams wrap.
+    `state` is as `init_state` makes it; its buffers are donated, so the caller must use only
+    the returned state. `reset` zeroes the carried state first, where the data streams wrap.
+    The loss is that of the parameters before the update.
     """
-
-    def loss_fn(params, inputs, targets, carry, key):
-        dropout_key = key if config.dropout > 0 else None
-        logits, carry = model.apply(params, inputs, carry, config, dropout_key)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        return loss, carry
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state, inputs, targets, reset, lr):
         carry = jax.tree.map(lambda c: jnp.where(reset, 0.0, c), state["carry"])
-        key = jax.random.fold_in(state["rng"], state["step"])
-        (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], inputs, targets, carry, key
+        key = jax.random.fold_in(state["rng"], state["step"]) if config.dropout > 0 else None
+        (loss, carry), grads = jax.value_and_grad(sequence_loss, has_aux=True)(
+            state["params"], inputs, targets, carry, config, key
         )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         updates = jax.tree.map(lambda u: lr * u, updates)
@@ -217,6 +244,8 @@ def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainC
                 f"--{name.replace('_', '-')} cannot change when resuming (the run has "
                 f"{getattr(saved, name)!r}); start a new run to change it"
             )
+    if any(name in overrides for name in LENGTH):
+        saved = dataclasses.replace(saved, **dict.fromkeys(LENGTH))
     return dataclasses.replace(saved, **overrides)
 
 
@@ -269,10 +298,10 @@ def _open_run(
 
 
 def _loss_problem(losses: np.ndarray, vocab_size: int) -> tuple[int, str] | None:
-    """The index and description of the first loss that is NaN, infinite, or far above the
-    ln(V) of a uniform guess (a sign of divergence), if any."""
+    """The index and description of the first loss that is NaN, infinite, or above
+    3·ln(V) + 5 nats, far worse than the ln(V) of a uniform guess: a sign of divergence."""
     uniform = math.log(vocab_size)
-    bad = ~np.isfinite(losses) | (losses > 2 * uniform + 1)
+    bad = ~np.isfinite(losses) | (losses > 3 * uniform + 5)
     if not bad.any():
         return None
     index = int(np.argmax(bad))
@@ -307,27 +336,23 @@ def train(
     stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
     run_path.mkdir(parents=True, exist_ok=True)
     # A run limited only by time sets its length from its speed, re-estimated at every
-    # evaluation, so that the learning rate has decayed when the time is up.
+    # evaluation of its first session, so that the learning rate has decayed when the time is
+    # up. The decay horizon is fixed once a run starts: a resumed run keeps it.
     by_time = config.time_budget is not None and config.steps is None and config.epochs is None
     total = config.steps or math.ceil((config.epochs or DEFAULT_EPOCHS) * stream.steps_per_epoch)
-    decay_steps = config.decay_steps or total
     if by_time:
         total = sys.maxsize
-        decay_steps = config.decay_steps or (loaded.meta.get("decay_steps") if loaded else None)
-        decay_steps = decay_steps or 10 * stream.steps_per_epoch
+    if loaded is not None:
+        decay_steps = loaded.meta["decay_steps"]
+    else:
+        decay_steps = config.decay_steps or (10 * stream.steps_per_epoch if by_time else total)
+    refit_decay = by_time and loaded is None and config.decay_steps is None
 
     model_config = config.model_config(len(data.vocab))
     optimizer = make_optimizer(config)
     train_step = make_train_step(model_config, optimizer)
-    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    params = model.init(init_key, model_config)
-    state = {
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "carry": model.initial_state(model_config, config.batch_size),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": dropout_key,
-    }
+    probe_loss = jax.jit(partial(sequence_loss, config=model_config))
+    state = init_state(model_config, optimizer, config.batch_size, config.seed)
     best_val = None
     if loaded is not None:
         for group in ("params", "opt_state", "carry"):
@@ -335,7 +360,6 @@ def train(
         state["step"] = jnp.asarray(loaded.meta["step"], jnp.int32)
         state["rng"] = jax.random.wrap_key_data(jnp.asarray(loaded.arrays["rng"]))
         best_val = loaded.meta.get("best_val_loss")
-    ckpt.remember_run(run_path)
     step = start_step = int(state["step"])
     saved_step = step if loaded else None
     train_loss = val_loss = None
@@ -356,8 +380,13 @@ def train(
     )
 
     def save(is_best: bool) -> None:
-        """Write latest.ckpt (and best.ckpt), atomically; the losses must be checked first."""
+        """Write latest.ckpt (and best.ckpt) atomically, once one forward pass on the next batch
+        has shown that these exact parameters are sane."""
         nonlocal saved_step
+        inputs, targets, reset = stream.batch(step)
+        carry = model.initial_state(model_config, config.batch_size) if reset else state["carry"]
+        loss = probe_loss(state["params"], inputs, targets, carry)[0]
+        stop_if_diverged("training", np.array([float(loss)]), step)
         arrays = jax.device_get({g: state[g] for g in ("params", "opt_state", "carry")})
         arrays["rng"] = np.asarray(jax.random.key_data(state["rng"]))
         meta = {
@@ -382,6 +411,7 @@ def train(
         ckpt.write_atomic(run_path / ckpt.LATEST, blob)
         if is_best:
             ckpt.write_atomic(run_path / ckpt.BEST, blob)
+        ckpt.remember_run(run_path)
         saved_step = step
 
     pending: list[jax.Array] = []
@@ -430,13 +460,14 @@ def train(
             is_best = best_val is None or val_loss < best_val
             best_val = val_loss if is_best else best_val
             record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
+            show_progress()
             log(
                 f"step {step}: train loss {_show(train_loss)}, val loss {val_loss:.4f} "
                 f"({val_loss / math.log(2):.3f} bits/char){' *best*' if is_best else ''}"
             )
         now = time.monotonic()
         elapsed, eval_seconds = now - started, now - eval_start
-        if by_time and step > start_step:
+        if refit_decay and step > start_step:
             per_step = elapsed / (step - start_step)
             remaining = config.time_budget - elapsed - eval_seconds
             decay_steps = step + max(int(remaining / per_step), 1)

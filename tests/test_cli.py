@@ -42,7 +42,7 @@ def test_train_sample_perplexity_end_to_end(corpus_file: Path):
     # No --checkpoint: the most recent run of this directory is used.
     sampled = run("sample", "--prime", "出战", "--length", "50", "--seed", "4")
     assert sampled.exit_code == 0
-    assert sampled.stdout.startswith("出战") and len(sampled.stdout.rstrip("\n")) >= 50
+    assert sampled.stdout.startswith("出战") and len(sampled.stdout) == 2 + 50 + 1
     again = run("sample", "-p", "出战", "-n", "50", "--seed", "4", "-c", "runs/mixed")
     assert again.stdout == sampled.stdout
 
@@ -127,6 +127,8 @@ def test_options_are_validated_by_the_cli():
     bad = run("train", "x.txt", "--time-budget", "ten minutes")
     assert bad.exit_code == 2 and "is not a duration" in bad.stderr
     assert run("sample", "--temperature", "0").exit_code == 2
+    too_big = run("sample", "--seed", str(2**64))
+    assert too_big.exit_code == 2 and "--seed" in too_big.stderr
 
 
 def test_version_and_help():
@@ -184,3 +186,11 @@ def test_readme_documents_every_command_and_option():
             for option in param.opts:
                 if option.startswith("--"):
                     assert option in readme, f"README does not document charlm {name} {option}"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["perplexity"]])
+def test_readme_command_reference_is_the_real_help(command: list[str]):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = CliRunner().invoke(main, [*command, "--help"], prog_name="charlm", terminal_width=100)
+    shown = shown.stdout
+    assert shown.rstrip() in readme

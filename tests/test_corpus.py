@@ -79,11 +79,19 @@ def test_bad_files_raise_one_line(tmp_path: Path, kind: str):
     assert "\n" not in str(err.value)
 
 
-def test_unknown_encoding_name(tmp_path: Path):
+def test_unknown_or_non_text_encoding(tmp_path: Path):
     path = tmp_path / "t.txt"
     path.write_text("hello", encoding="utf-8")
     with pytest.raises(CharlmError, match="unknown encoding"):
         read_text(path, "no-such-codec")
+    with pytest.raises(CharlmError, match="not a text encoding"):
+        read_text(path, "rot13")
+
+
+def test_utf16_under_any_codec_alias_is_text_not_binary(tmp_path: Path):
+    path = tmp_path / "t.txt"
+    path.write_bytes("出战 at dawn".encode("utf-16"))
+    assert read_text(path, "utf_16") == read_text(path, "UTF-16") == "出战 at dawn"
 
 
 def test_split_holds_out_the_end_and_records_provenance(tmp_path: Path):

@@ -13,7 +13,13 @@ import pytest
 
 from charlm import model
 from charlm.corpus import BatchStream, Vocabulary
-from charlm.training import TrainConfig, learning_rate, make_optimizer, make_train_step
+from charlm.training import (
+    TrainConfig,
+    init_state,
+    learning_rate,
+    make_optimizer,
+    make_train_step,
+)
 
 CELLS = ["lstm", "gru", "rnn"]
 SMALL = dict(layers=2, vocab_size=11, embed_size=5, hidden_size=6)
@@ -417,20 +423,11 @@ def test_small_model_overfits_a_repeated_phrase():
     model_config = config.model_config(len(vocab))
     optimizer = make_optimizer(config)
     train_step = make_train_step(model_config, optimizer)
-    init_key, dropout_key = jax.random.split(jax.random.key(0))
-    params = model.init(init_key, model_config)
-    state = {
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "carry": model.initial_state(model_config, config.batch_size),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": dropout_key,
-    }
+    state = init_state(model_config, optimizer, config.batch_size, seed=0)
     losses = []
     for step in range(steps):
         inputs, targets, reset = stream.batch(step)
         lr = learning_rate(step, config, steps)
-        # The step returns (state, loss) and possibly more (a gradient norm); take the first two.
         state, loss = train_step(state, inputs, targets, reset, lr)
         losses.append(float(loss))
     uniform = math.log(len(vocab))

@@ -97,7 +97,9 @@ def test_prime_outside_vocabulary_is_named_or_dropped(trained_run: Path):
 
 def test_empty_prime_starts_a_new_paragraph(trained_run: Path):
     text = charlm.sample(trained_run, length=40, seed=0)[0]
+    after_newline = charlm.sample(trained_run, prime="\n", length=40, seed=0)[0]
     assert len(text) == 40
+    assert text == after_newline[1:]
 
 
 def test_bad_options_are_refused(trained_run: Path):
@@ -105,3 +107,5 @@ def test_bad_options_are_refused(trained_run: Path):
         charlm.sample(trained_run, temperature=0.0)
     with pytest.raises(CharlmError, match="top-p"):
         charlm.sample(trained_run, top_p=0.0)
+    with pytest.raises(CharlmError, match="--seed must be in"):
+        charlm.sample(trained_run, seed=-1)

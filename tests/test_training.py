@@ -23,8 +23,9 @@ from charlm.training import TrainConfig, TrainingDiverged, learning_rate
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_resume_is_bit_for_bit(corpus_file: Path, cell: str):
-    """N steps, then resume to N+M, equals N+M steps in one go: parameters, optimizer state
-    and carried hidden state, exactly. Dropout is on, so the PRNG state must carry too."""
+    """N steps, then resume for M more, equals N+M steps in one go: parameters, optimizer state
+    and carried hidden state, exactly. Dropout is on, so the PRNG state must carry too. The
+    schedule's horizon is fixed when a run starts, so the first part plans for N+M."""
     options = dict(TINY, cell=cell, dropout=0.3, eval_every=7, progress=False)
     charlm.train(str(corpus_file), run_dir="one-go", steps=30, **options)
     charlm.train(str(corpus_file), run_dir="split", steps=12, decay_steps=30, **options)
@@ -105,24 +106,75 @@ def test_budget_spent_before_the_first_step_still_saves(corpus_file: Path):
     assert ckpt.load(result.run_dir / ckpt.LATEST).meta["step"] == 0
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(corpus_file: Path):
+def test_ctrl_c_saves_and_resuming_ends_where_an_uninterrupted_run_does(corpus_file: Path):
+    options = dict(hidden_size=32, batch_size=4, seq_len=16, eval_every=5, steps=600)
     run = Path("interrupted")
     command = [sys.executable, "-m", "charlm", "train", str(corpus_file), "--run-dir", str(run)]
-    command += ["--steps", "100000", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "16"]
-    command += ["--eval-every", "5"]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (run / ckpt.METRICS).exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert f"Resume with: charlm train --resume --run-dir {run}" in stderr
-    step = ckpt.load(run / ckpt.LATEST).meta["step"]
-    assert 5 <= step < 100000
-    resumed = charlm.train(resume=True, run_dir=run, steps=step + 3, progress=False)
-    assert resumed.step == step + 3
+    interrupted_at = ckpt.load(run / ckpt.LATEST).meta["step"]
+    assert 5 <= interrupted_at < 600
+
+    resumed = charlm.train(resume=True, run_dir=run, progress=False)
+    assert resumed.step == 600
+    charlm.train(str(corpus_file), run_dir="uninterrupted", progress=False, **options)
+    expected = ckpt.load(Path("uninterrupted") / ckpt.LATEST).arrays
+    actual = ckpt.load(run / ckpt.LATEST).arrays
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def test_divergence_without_held_out_text_keeps_a_sane_checkpoint(corpus_file: Path):
+    """With --val-fraction 0 there is no validation loss: a forward pass on the next batch
+    vouches for the parameters of every checkpoint instead."""
+    options = dict(TINY, lr=1e4, warmup_steps=3, clip_norm=1e9, eval_every=1, log_every=1)
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step 1\)"):
+        charlm.train(
+            str(corpus_file), run_dir="d", steps=50, val_fraction=0.0, progress=False, **options
+        )
+    for name in (ckpt.LATEST, ckpt.BEST):
+        kept = ckpt.load(Path("d") / name)
+        assert kept.meta["step"] == 1
+        assert all(np.abs(a).max() < 100 for a in kept.arrays.values() if a.dtype.kind == "f")
+
+
+def test_resume_length_options_replace_the_saved_ones(corpus_file: Path):
+    charlm.train(str(corpus_file), run_dir="r", steps=10, progress=False, **TINY)
+    steps_per_epoch = ckpt.load(Path("r") / ckpt.LATEST).meta["data_position"]["steps_per_epoch"]
+    resumed = charlm.train(resume=True, run_dir="r", epochs=1, progress=False)
+    assert resumed.step == steps_per_epoch > 10
+
+
+def test_resumed_time_budget_run_keeps_its_schedule(corpus_file: Path):
+    """The decay fitted to the first session's budget is kept: a resumed session must not
+    jump the learning rate back up."""
+    first = charlm.train(str(corpus_file), run_dir="t", time_budget=4.0, progress=False, **TINY)
+    horizon = ckpt.load(Path("t") / ckpt.LATEST).meta["decay_steps"]
+    charlm.train(resume=True, run_dir="t", time_budget=2.0, progress=False)
+    assert ckpt.load(Path("t") / ckpt.LATEST).meta["decay_steps"] == horizon
+    records = [json.loads(line) for line in (first.run_dir / ckpt.METRICS).read_text().splitlines()]
+    resumed_rates = [r["lr"] for r in records if r["step"] > first.step]
+    assert resumed_rates and max(resumed_rates) <= records[-len(resumed_rates) - 1]["lr"] + 1e-12
+
+
+def test_unwritable_run_directory_is_one_line(corpus_file: Path):
+    from click.testing import CliRunner
+
+    from charlm.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(corpus_file), "--run-dir", "/proc/charlm-run"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("charlm: error: ") and "/proc/charlm-run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
@@ -140,4 +192,6 @@ def test_invalid_options_are_refused(corpus_file: Path):
         charlm.train(str(corpus_file), batch_size=0, progress=False)
     with pytest.raises(CharlmError, match="give a text file"):
         charlm.train(progress=False)
+    with pytest.raises(CharlmError, match="--seed must be in"):
+        charlm.train(str(corpus_file), seed=2**64, progress=False)
     assert not os.path.exists("runs")
