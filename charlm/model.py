@@ -1,6 +1,9 @@
 """The model: character embedding, stacked recurrent layers (LSTM, GRU or Elman RNN), linear head.
 
-Parameters are a plain pytree and every function here is pure. A batch is (batch, time) with
+Parameters are a plain pytree and every function here is pure. The model's shape is a
+`ModelConfig`, passed as a static argument (it is hashable, so `jax.jit` specialises on it);
+`functools.partial(apply, config=config)` is the `apply(params, tokens, state)` of a given
+shape. A batch is (batch, time) with
 the batch axis first everywhere, hidden state included, so data parallelism shards axis 0.
 Inside a layer the input projection for all time steps is one matmul; only the recurrent
 matmul runs inside the `jax.lax.scan` over time.
