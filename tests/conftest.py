@@ -49,8 +49,11 @@ def corpus_file(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in its own working directory (runs/ and the last-run file land there)."""
+    """Every test runs in its own working directory (runs/ and the last-run file land there),
+    with its own corpus data directory and no mirror, so that no test touches ~/.cache."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(tmp_path / "corpus-data"))
+    monkeypatch.delenv("CHARLM_CORPUS_MIRROR", raising=False)
 
 
 @pytest.fixture(scope="session")
