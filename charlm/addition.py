@@ -1,4 +1,4 @@
-"""The binary-addition corpus.
+"""The binary-addition corpus, and how many sums a trained model gets exactly right.
 
 Each line is `a+b=c`: two operands and their sum in binary, least-significant bit first, the
 operands `bits` digits wide and the sum `bits + 1`, so every line of a corpus has the same
@@ -8,12 +8,16 @@ kept in the hidden state, as must the operands until their bits are needed. Lear
 from digit strings is the classic first demonstration of recurrent memory (Zaremba & Sutskever
 2014, "Learning to Execute"; Kalchbrenner et al. 2015, "Grid Long Short-Term Memory").
 
-The generator needs no network and no JAX.
+The generator needs no network and no JAX; `accuracy` loads JAX when it is called.
 """
 
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
+
+import numpy as np
 
 from charlm.errors import CharlmError
 
@@ -72,3 +76,65 @@ def unseen_pairs(count: int, bits: int, seed: int, exclude: str = "") -> list[tu
         if query(a, b, bits) not in seen:
             chosen[a, b] = None
     return list(chosen)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How many of `pairs` sums of `bits`-bit operands a model completed exactly, with up to
+    five of its mistakes as (query, expected, answer)."""
+
+    bits: int
+    pairs: int
+    correct: int
+    mistakes: tuple[tuple[str, str, str], ...]
+
+    @property
+    def fraction(self) -> float:
+        return self.correct / self.pairs
+
+
+def accuracy(
+    checkpoint: str | os.PathLike | None,
+    *,
+    pairs: int = 1000,
+    bits: int = 8,
+    seed: int = 1,
+    exclude: str = "",
+) -> Accuracy:
+    """Complete `a+b=` greedily for `pairs` operand pairs that are not in `exclude` (the
+    training text) and count the sums that are exactly right.
+
+    Each query is read as the model read its training text: after a newline and a whole line
+    before it (the first line of `exclude`, else 0+0=0), then the model's next bits + 1
+    characters are its answer. In training every line follows other lines, so the state at
+    its start is never the zero state; primed with "\\n" + "a+b=" alone from the zero state,
+    a model that adds well off the training text is measured near chance. All pairs run as one
+    batch through charlm.sampling.generate, one prime per sample.
+    """
+    import jax
+
+    from charlm import checkpoint as ckpt
+    from charlm.sampling import generate
+
+    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint)))
+    missing = vocab.unknown(ALPHABET)
+    if missing:
+        raise CharlmError(
+            f"the model never saw {missing!r}, so it was not trained on an addition corpus"
+        )
+    tests = unseen_pairs(pairs, bits, seed, exclude)
+    before = "\n" + (exclude.partition("\n")[0] or line(0, 0, bits)) + "\n"
+    primes = np.stack([vocab.encode(before + query(a, b, bits)) for a, b in tests])
+    chunks = generate(
+        params, config, primes, bits + 1, jax.random.key(0), num_samples=len(tests), greedy=True
+    )
+    answers = [vocab.decode(row) for row in np.concatenate(list(chunks), axis=1)]
+    mistakes = []
+    correct = 0
+    for (a, b), answer in zip(tests, answers):
+        expected = to_bits(a + b, bits + 1)
+        if answer == expected:
+            correct += 1
+        elif len(mistakes) < 5:
+            mistakes.append((query(a, b, bits), expected, answer))
+    return Accuracy(bits, len(tests), correct, tuple(mistakes))

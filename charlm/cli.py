@@ -353,7 +353,7 @@ def corpus_list() -> None:
 @corpus.command("get")
 @click.argument("name")
 @click.option(
-    "--lines", type=click.IntRange(min=1), help="addition only: lines to generate. [default: 20000]"
+    "--lines", type=click.IntRange(min=1), help="addition only: lines to generate. [default: 50000]"
 )
 @click.option(
     "--bits", type=click.IntRange(min=1), help="addition only: bits per operand. [default: 8]"
