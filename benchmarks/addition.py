@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS-addition.md")
     args = parser.parse_args()
 
+    code = commit()
     load_before = os.getloadavg()[0]
     begun = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="charlm-addition-"))
@@ -120,10 +121,15 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     reached = score is not None and score.fraction >= args.target
     rows = "\n".join(f"| {s:,} | {t:.0f} | {loss:.4f} | {acc:.1%} |" for s, t, loss, acc in curve)
-    mistakes = "\n".join(f"    {q}  expected {e}  got {g}" for q, e, g in wide.mistakes[:3])
+    # The answer is the next bits + 1 characters, whatever they are; ⏎ shows a newline.
+    mistakes = "\n".join(
+        f"    {q}  expected {e}  got {g.replace(chr(10), '⏎')}" for q, e, g in wide.mistakes[:3]
+    )
+    # Every training sum has 9 digits: does the model end its 12-bit sums there too?
+    nine = sum(answer[9:10] == "\n" for answer in wide.answers)
     report = f"""# Binary addition: results
 
-`python benchmarks/addition.py` ({datetime.date.today().isoformat()}, commit {commit()}),
+`python benchmarks/addition.py` ({datetime.date.today().isoformat()}, commit {code}),
 on {machine()}; JAX on CPU. Load average (1 min) {load_before:.2f} at the start and
 {load_after:.2f} at the end: the machine was shared, so other work may have slowed the run.
 The whole benchmark took {(time.monotonic() - begun) / 60:.1f} min.
@@ -133,7 +139,8 @@ first. Model: one-layer {MODEL["cell"].upper()}, {MODEL["hidden_size"]} units, e
 batch {TRAINING["batch_size"]} × {TRAINING["seq_len"]} characters, AdamW at {TRAINING["lr"]:g}
 with warm-up and cosine decay over {args.max_steps:,} steps. After every {args.round_steps}
 steps, `a+b=` is completed greedily for {args.pairs:,} pairs of 8-bit operands that are not in
-the training text, primed with a newline, and the exact sums are counted.
+the training text, each read after a newline and one training line (as every line is read in
+training), and the exact sums are counted.
 
 | result | |
 | --- | --- |
@@ -149,7 +156,8 @@ corpus):
 | --- | --- | --- | --- |
 {rows}
 
-Three of the 12-bit mistakes:
+Operands of 12 bits: {nine:,} of the {wide.pairs:,} answers end the line after 9 digits, the
+width of every sum in the training text. Three of the mistakes:
 
 {mistakes}
 """

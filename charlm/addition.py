@@ -80,12 +80,14 @@ def unseen_pairs(count: int, bits: int, seed: int, exclude: str = "") -> list[tu
 
 @dataclass(frozen=True)
 class Accuracy:
-    """How many of `pairs` sums of `bits`-bit operands a model completed exactly, with up to
-    five of its mistakes as (query, expected, answer)."""
+    """How many of `pairs` sums of `bits`-bit operands a model completed exactly, with its
+    answers (bits + 1 characters each, in the order the pairs were drawn) and up to five of its
+    mistakes as (query, expected, answer)."""
 
     bits: int
     pairs: int
     correct: int
+    answers: tuple[str, ...]
     mistakes: tuple[tuple[str, str, str], ...]
 
     @property
@@ -137,4 +139,4 @@ def accuracy(
             correct += 1
         elif len(mistakes) < 5:
             mistakes.append((query(a, b, bits), expected, answer))
-    return Accuracy(bits, len(tests), correct, tuple(mistakes))
+    return Accuracy(bits, len(tests), correct, tuple(answers), tuple(mistakes))
