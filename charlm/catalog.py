@@ -222,7 +222,7 @@ def _one_line_failures(name: str, location: str, timeout: float, hint: str) -> I
         yield
     except urllib.error.HTTPError as err:
         raise CharlmError(
-            f"could not download {name}: HTTP {err.code} {err.reason} from {location}"
+            f"could not download {name}: HTTP {err.code} {err.reason} from {location}; {hint}"
         ) from None
     except (TimeoutError, urllib.error.URLError) as err:
         reason = getattr(err, "reason", err)
@@ -237,7 +237,7 @@ def _one_line_failures(name: str, location: str, timeout: float, hint: str) -> I
             f"could not download {name}: the connection to {location} closed early ({err}); {hint}"
         ) from None
     except (OSError, http.client.HTTPException) as err:
-        raise CharlmError(f"could not fetch {name} from {location}: {err}") from None
+        raise CharlmError(f"could not fetch {name} from {location}: {err}; {hint}") from None
     except KeyboardInterrupt:
         raise CharlmError(f"the download of {name} was interrupted; nothing was kept") from None
 
