@@ -27,6 +27,7 @@ import safetensors.numpy
 from charlm import model
 from charlm.corpus import Vocabulary
 from charlm.errors import CharlmError
+from charlm.files import write_atomic  # part of this module's interface: ckpt.write_atomic
 
 FORMAT = "charlm-checkpoint"
 FORMAT_VERSION = 1
@@ -82,27 +83,6 @@ def encode(meta: Mapping[str, Any], trees: Mapping[str, Any]) -> bytes:
         "meta": json.dumps(meta, ensure_ascii=False),
     }
     return safetensors.numpy.save(arrays, metadata=metadata)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new one, whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def load(path: str | os.PathLike) -> Checkpoint:

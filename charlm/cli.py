@@ -1,4 +1,5 @@
-"""The `charlm` command: a thin click shell over charlm.train, charlm.sample and charlm.perplexity.
+"""The `charlm` command: a thin click shell over charlm.train, charlm.sample, charlm.perplexity
+and the corpus catalog (charlm.catalog).
 
 Nothing here imports JAX at module level, so `charlm --help` answers at once. A CharlmError
 becomes one line on stderr and exit status 1.
@@ -51,13 +52,16 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a CharlmError as one line and exit 1; never show a traceback for bad input."""
+def _user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
+    """Print a CharlmError as one line and exit 1; never show a traceback for bad input.
+    A command that `compiles` keeps JAX's compiled programs across invocations; the others
+    (the corpus commands) never import JAX."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            _enable_compilation_cache()
+            if compiles:
+                _enable_compilation_cache()
             return command(*args, **kwargs)
         except CharlmError as err:
             click.echo(f"charlm: error: {err}", err=True)
@@ -72,6 +76,9 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return wrapper
+
+
+_user_errors_without_jax = functools.partial(_user_errors, compiles=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -182,7 +189,8 @@ def main() -> None:
 def train(
     corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, **options: Any
 ) -> None:
-    """Train a model on the text file CORPUS.
+    """Train a model on CORPUS: a text file, or the name of a catalog corpus (charlm corpus
+    list), which is downloaded and verified, or generated, first if it is not here yet.
 
     The last --val-fraction of the text is held out and evaluated every --eval-every steps;
     the run directory keeps latest.ckpt, best.ckpt (lowest validation loss) and metrics.jsonl.
@@ -317,3 +325,67 @@ def perplexity(
             f"{ch!r}×{n}" for ch, n in sorted(result.unknown.items(), key=lambda x: -x[1])[:10]
         )
         click.echo(f"unknown chars:   {sum(result.unknown.values()):,} removed ({listed})")
+
+
+@main.group()
+def corpus() -> None:
+    """The catalog of named corpora: list it, and download or generate a corpus.
+
+    Corpora are kept in $CHARLM_DATA_DIR (default ~/.cache/charlm/corpora). Set
+    CHARLM_CORPUS_MIRROR to a directory or base URL holding NAME.txt files to work offline.
+    """
+
+
+@corpus.command("list")
+@_user_errors_without_jax
+def corpus_list() -> None:
+    """Show the catalog, and which corpora are here (with their sizes)."""
+    from charlm import catalog
+
+    entries = catalog.load_catalog().values()
+    width = max(len(entry.name) for entry in entries) + 2
+    click.echo(f"{'name':<{width}}{'here':<10}{'bytes':>11}  description")
+    for entry in entries:
+        state = catalog.local_state(entry)
+        if state != "missing":
+            size = f"{catalog.local_path(entry.name).stat().st_size:,}"
+        else:
+            size = "generated" if entry.generated else f"{entry.size:,}"
+        about = f"{entry.description} ({entry.language}; {entry.licence})"
+        click.echo(f"{entry.name:<{width}}{state:<10}{size:>11}  {about}")
+    mirror = os.environ.get(catalog.MIRROR_VARIABLE) or "none"
+    click.echo(f"\nkept in {catalog.data_dir()} (${catalog.DATA_DIR_VARIABLE})")
+    click.echo(f"mirror: {mirror} (${catalog.MIRROR_VARIABLE})")
+
+
+@corpus.command("get")
+@click.argument("name")
+@click.option(
+    "--lines", type=click.IntRange(min=1), help="addition only: lines to generate. [default: 50000]"
+)
+@click.option(
+    "--bits", type=click.IntRange(min=1), help="addition only: bits per operand. [default: 8]"
+)
+@click.option(
+    "--seed", type=int, help="addition only: the same seed gives the same file. [default: 0]"
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the network before giving up.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors_without_jax
+def corpus_get(name: str, timeout: float, quiet: bool, **options: Any) -> None:
+    """Download the catalog corpus NAME, check its sha256, normalise it, check it again and
+    put it in place; or generate it (addition). Prints where it is.
+
+    A corpus already here and intact is kept. Nothing is left behind when a download fails.
+    """
+    from charlm import catalog
+
+    given = {key: value for key, value in options.items() if value is not None}
+    fetched = catalog.get(name, timeout=timeout, progress=not quiet, **given)
+    click.echo(f"{name}: {fetched.path} ({fetched.size:,} bytes, {fetched.origin})")

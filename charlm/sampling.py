@@ -104,8 +104,9 @@ def generate(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Iterator[np.ndarray]:
     """Read `context` (tokens), then yield the next `length` tokens of each sample as arrays
-    (num_samples, n), chunk by chunk. With an empty context the first character is drawn
-    uniformly."""
+    (num_samples, n), chunk by chunk. `context` is one prime (n,) that every sample shares or
+    one prime per sample (num_samples, n), all of the same length. With an empty context the
+    first character is drawn uniformly."""
     state = model.initial_state(config, num_samples)
     logits = jnp.zeros((num_samples, config.vocab_size), jnp.float32)
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_samples))
@@ -116,26 +117,26 @@ def generate(
         jnp.bool_(greedy),
     )
     context = np.asarray(context, np.int32)
+    context = np.broadcast_to(context, (num_samples, context.shape[-1]))
     position, emitted = 0, 0
     while emitted < length:
-        forced = context[position : position + chunk_size]
-        padded = np.zeros(chunk_size, np.int32)
-        padded[: len(forced)] = forced
-        forced_column = np.broadcast_to(padded[:, None], (chunk_size, num_samples))
+        forced = context[:, position : position + chunk_size]
+        padded = np.zeros((chunk_size, num_samples), np.int32)
+        padded[: forced.shape[1]] = forced.T
         state, logits, tokens = _advance(
             params,
             state,
             logits,
             sample_keys,
             jnp.int32(position),
-            forced_column,
-            jnp.int32(len(forced)),
+            padded,
+            jnp.int32(forced.shape[1]),
             *options,
             config=config,
             steps=chunk_size,
         )
         position += chunk_size
-        new = np.asarray(tokens)[:, len(forced) :][:, : length - emitted]
+        new = np.asarray(tokens)[:, forced.shape[1] :][:, : length - emitted]
         if new.shape[1]:
             emitted += new.shape[1]
             yield new

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from charlm import __version__, model
 from charlm import checkpoint as ckpt
+from charlm.catalog import resolve_corpus
 from charlm.corpus import BatchStream, Corpus, Vocabulary, load_corpus
 from charlm.errors import CharlmError
 from charlm.evaluation import total_nats
@@ -266,8 +267,11 @@ def _open_run(
     run_dir: str | Path | None,
     resume: bool,
     overrides: dict[str, Any],
+    progress: bool,
 ) -> tuple[TrainConfig, Corpus, Path, ckpt.Checkpoint | None]:
     """The run's config, corpus and directory, and its latest checkpoint when resuming."""
+    if corpus is not None:
+        corpus = resolve_corpus(corpus, progress=progress)
     if not resume:
         if corpus is None:
             raise CharlmError("give a text file to train on: charlm train FILE")
@@ -324,7 +328,8 @@ def train(
     progress: bool = True,
     **overrides: Any,
 ) -> TrainResult:
-    """Train a model on the text file `corpus`, or continue a run with `resume=True`.
+    """Train a model on `corpus` (a text file, or the name of a catalog corpus, fetched if it
+    is not here yet), or continue a run with `resume=True`.
 
     Options are the fields of TrainConfig, given as `config` or as keyword overrides. A new run
     goes to `run_dir` (default runs/<corpus name>, numbered if taken); `resume` continues the
@@ -332,7 +337,7 @@ def train(
     Raises CharlmError for bad input and TrainingDiverged when the loss goes bad.
     """
     started = time.monotonic()
-    config, data, run_path, loaded = _open_run(corpus, config, run_dir, resume, overrides)
+    config, data, run_path, loaded = _open_run(corpus, config, run_dir, resume, overrides, progress)
     stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
     run_path.mkdir(parents=True, exist_ok=True)
     # A run limited only by time sets its length from its speed, re-estimated at every

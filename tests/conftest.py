@@ -56,8 +56,11 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in its own working directory (runs/ and the last-run file land there)."""
+    """Every test runs in its own working directory (runs/ and the last-run file land there),
+    with its own corpus data directory and no mirror, so that no test touches ~/.cache."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(tmp_path / "corpus-data"))
+    monkeypatch.delenv("CHARLM_CORPUS_MIRROR", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -66,5 +69,12 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "mixed.txt"
     corpus.write_text(mixed_text(), encoding="utf-8")
-    result = charlm.train(str(corpus), run_dir=root / "run", steps=60, progress=False, **TINY)
+    # Session fixtures run before the per-test working directory is set: train from root, so
+    # the last-run file lands there and not in the repository.
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        result = charlm.train(str(corpus), run_dir=root / "run", steps=60, progress=False, **TINY)
+    finally:
+        os.chdir(here)
     return result.run_dir

@@ -1,17 +1,20 @@
-"""The three commands end to end through the CLI, and every bad input as one line and exit 1."""
+"""The commands end to end through the CLI, and every bad input as one line and exit 1."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from conftest import SHARED_CORPORA
 
-from charlm import __version__
+from charlm import __version__, addition, catalog
 from charlm.cli import main
 
 TINY_ARGS = ["--hidden-size", "32", "--embed-size", "8", "--batch-size", "4", "--seq-len", "16"]
@@ -133,15 +136,20 @@ def test_options_are_validated_by_the_cli():
 
 def test_version_and_help():
     assert run("--version").stdout.strip() == f"charlm, version {__version__}"
-    for command in ("train", "sample", "perplexity"):
-        assert run(command, "--help").exit_code == 0
+    for command in (["train"], ["sample"], ["perplexity"], ["corpus"], ["corpus", "get"]):
+        assert run(*command, "--help").exit_code == 0
 
 
-def test_help_does_not_import_jax():
-    """`charlm --help` must answer at once: JAX is imported only by the commands that run."""
-    code = "import sys; from charlm.cli import main; print('jax' in sys.modules)"
+@pytest.mark.parametrize("command", [["--help"], ["corpus", "list"]])
+def test_help_and_corpus_commands_do_not_import_jax(command: list[str]):
+    """`charlm --help` and the corpus commands answer at once: only the commands that train or
+    run a model import JAX."""
+    code = (
+        "import sys; from charlm.cli import main; "
+        f"main({command!r}, standalone_mode=False); print('jax' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 @pytest.mark.skipif(not (SHARED_CORPORA / "sanguo.txt").exists(), reason="needs ../shared/corpora")
@@ -178,19 +186,84 @@ def test_train_help_states_the_real_defaults():
     assert checked >= 15
 
 
+def commands(group: click.Group, prefix: str = "charlm") -> Iterator[tuple[str, click.Command]]:
+    """Every command under `group`, with its full name, the subcommands of groups included."""
+    for name, command in group.commands.items():
+        yield f"{prefix} {name}", command
+        if isinstance(command, click.Group):
+            yield from commands(command, f"{prefix} {name}")
+
+
 def test_readme_documents_every_command_and_option():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    for name, command in main.commands.items():
-        assert f"charlm {name}" in readme
+    names = [name for name, _ in commands(main)]
+    assert {"charlm corpus list", "charlm corpus get"} <= set(names)
+    for name, command in commands(main):
+        assert name in readme
         for param in command.params:
             for option in param.opts:
                 if option.startswith("--"):
-                    assert option in readme, f"README does not document charlm {name} {option}"
+                    assert option in readme, f"README does not document {name} {option}"
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["perplexity"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["train"], ["sample"], ["perplexity"], ["corpus"], ["corpus", "list"], ["corpus", "get"]],
+)
 def test_readme_command_reference_is_the_real_help(command: list[str]):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     shown = CliRunner().invoke(main, [*command, "--help"], prog_name="charlm", terminal_width=100)
     shown = shown.stdout
     assert shown.rstrip() in readme
+
+
+def test_corpus_list_and_get():
+    listed = run("corpus", "list")
+    assert listed.exit_code == 0
+    for name in ("sanguo", "tinyshakespeare", "addition"):
+        assert re.search(rf"^{name} +missing ", listed.stdout, re.MULTILINE), listed.stdout
+    assert "1,804,353" in listed.stdout and "public domain" in listed.stdout
+
+    got = run("corpus", "get", "addition", "--lines", "50", "--bits", "4", "--seed", "2")
+    assert got.exit_code == 0, got.output
+    assert "generated with bits=4, lines=50, seed=2" in got.stdout
+    path = catalog.local_path("addition")
+    assert path.read_text() == addition.corpus_text(lines=50, bits=4, seed=2)
+    # 50 lines of "abcd+efgh=ijklm\n", 16 bytes each.
+    assert re.search(r"^addition +present +800 ", run("corpus", "list").stdout, re.MULTILINE)
+
+    assert_one_line_error(run("corpus", "get", "nope"), "no corpus named 'nope'", "sanguo")
+    assert_one_line_error(run("corpus", "get", "sanguo", "--bits", "4"), "only to addition")
+
+
+def test_corpus_get_help_states_the_catalog_defaults():
+    """The addition options' defaults are written into the help by hand (reading the catalog
+    for --help would slow it); they must be the catalog's."""
+    from charlm.cli import corpus_get
+
+    defaults = catalog.load_catalog()["addition"].defaults
+    for param in corpus_get.params:
+        if param.name in defaults:
+            stated = re.search(r"\[default: ([^\]]+)\]", param.help)
+            assert int(stated.group(1)) == defaults[param.name], param.name
+
+
+@pytest.mark.skipif(not (SHARED_CORPORA / "sanguo.txt").exists(), reason="needs ../shared/corpora")
+def test_get_and_train_by_name_through_the_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    empty = tmp_path / "empty-mirror"
+    empty.mkdir()
+    monkeypatch.setenv(catalog.MIRROR_VARIABLE, str(empty))
+    assert_one_line_error(run("train", "tinyshakespeare", "--quiet"), "mirror has no")
+    assert not Path("runs").exists()
+
+    monkeypatch.setenv(catalog.MIRROR_VARIABLE, str(SHARED_CORPORA))
+    got = run("corpus", "get", "sanguo", "--quiet")
+    assert got.exit_code == 0, got.output
+    assert "1,804,353 bytes" in got.stdout and "sha256 verified" in got.stdout
+    trained = run("train", "tinyshakespeare", *TINY_ARGS, "--steps", "2", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    from charlm import checkpoint as ckpt
+
+    meta = ckpt.load(Path("runs/tinyshakespeare") / ckpt.LATEST).meta
+    assert meta["corpus"]["path"] == str(catalog.local_path("tinyshakespeare").resolve())
+    assert meta["corpus"]["sha256"] == catalog.load_catalog()["tinyshakespeare"].sha256

@@ -62,6 +62,31 @@ def test_generated_text_matches_the_model_step_by_step(trained_run: Path):
         sequence.append(int(token))
 
 
+def test_one_prime_per_sample(trained_run: Path):
+    """A (num_samples, n) context primes each sample with its own row: the batch gives what
+    each prime gives alone, across a chunk boundary too."""
+    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    primes = ["刘备 the", "army 曹", "天下 at "]
+    context = np.stack([vocab.encode(p) for p in primes])
+
+    def greedy(context: np.ndarray, num_samples: int) -> np.ndarray:
+        chunks = generate(
+            params,
+            config,
+            context,
+            9,
+            jax.random.key(0),
+            num_samples=num_samples,
+            greedy=True,
+            chunk_size=5,
+        )
+        return np.concatenate(list(chunks), axis=1)
+
+    together = greedy(context, 3)
+    for row, prime in zip(together, context):
+        np.testing.assert_array_equal(row, greedy(prime, 1)[0])
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
 

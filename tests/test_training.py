@@ -195,3 +195,13 @@ def test_invalid_options_are_refused(corpus_file: Path):
     with pytest.raises(CharlmError, match="--seed must be in"):
         charlm.train(str(corpus_file), seed=2**64, progress=False)
     assert not os.path.exists("runs")
+
+
+def test_train_takes_a_catalog_name():
+    """charlm.train, like the CLI, accepts a catalog name: `addition` is generated locally."""
+    result = charlm.train("addition", steps=3, progress=False, **TINY)
+    corpus = ckpt.load(result.run_dir / ckpt.LATEST).meta["corpus"]
+    assert result.run_dir == Path("runs/addition")
+    assert corpus["path"].endswith("addition.txt") and set(Path(corpus["path"]).read_text()) <= set(
+        "01+=\n"
+    )

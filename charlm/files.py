@@ -1,0 +1,42 @@
+"""Durable file replacement, shared by checkpoints and corpora; no JAX here.
+
+A new file is written beside its target, fsynced, and renamed over it (a rename within one
+directory is atomic on POSIX), then the directory is fsynced so that the rename itself survives
+a crash: a reader sees the old file or the new one, whole, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the fsynced file `source` over `target` and make the rename durable."""
+    os.replace(source, target)
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(Path(target).parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one, whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_synced(tmp, data)
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
