@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from charlm import addition
 from charlm.corpus import sha256_file
 from charlm.errors import CharlmError
-from charlm.files import replace_durably, write_atomic, write_synced
+from charlm.files import cache_dir, replace_durably, write_atomic, write_synced
 
 DATA_DIR_VARIABLE = "CHARLM_DATA_DIR"
 MIRROR_VARIABLE = "CHARLM_CORPUS_MIRROR"
@@ -97,8 +97,7 @@ def data_dir() -> Path:
     (~/.cache/charlm/corpora), beside the compilation cache of the CLI."""
     if os.environ.get(DATA_DIR_VARIABLE):
         return Path(os.environ[DATA_DIR_VARIABLE]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "charlm" / "corpora"
+    return cache_dir() / "corpora"
 
 
 def local_path(name: str) -> Path:

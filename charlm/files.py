@@ -1,4 +1,5 @@
-"""Durable file replacement, shared by checkpoints and corpora; no JAX here.
+"""charlm's cache directory, and durable file replacement shared by checkpoints and corpora;
+no JAX here.
 
 A new file is written beside its target, fsynced, and renamed over it (a rename within one
 directory is atomic on POSIX), then the directory is fsynced so that the rename itself survives
@@ -9,6 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """charlm's cache: $XDG_CACHE_HOME/charlm, or ~/.cache/charlm when that is unset or empty
+    (as the XDG base-directory specification says)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm"
 
 
 def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> None:
