@@ -37,8 +37,8 @@ def _chunk_nats(
     mask: jax.Array,
     config: model.ModelConfig,
 ) -> tuple[model.State, jax.Array]:
-    logits, state = model.apply(params, inputs[None], state, config)
-    nats = optax.softmax_cross_entropy_with_integer_labels(logits[0], targets)
+    logits, state = model.forward(params, inputs[:, None], state, config)
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits[:, 0], targets)
     return state, jnp.sum(jnp.where(mask, nats, 0.0))
 
 

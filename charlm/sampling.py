@@ -82,8 +82,8 @@ def _advance(
         keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, position + i)
         drawn = draw(logits, keys, temperature, top_k, top_p, greedy)
         token = jnp.where(i < n_forced, forced[i], drawn)
-        logits, state = model.apply(params, token[:, None], state, config)
-        return (state, logits[:, 0]), token
+        logits, state = model.forward(params, token[None], state, config)
+        return (state, logits[0]), token
 
     (state, logits), tokens = jax.lax.scan(step, (state, logits), jnp.arange(steps))
     return state, logits, tokens.T
