@@ -205,7 +205,8 @@ def _scan(cell, dtype, w_h, x_bias, h_bias, x_proj, state, keep_residuals: bool)
         new_carry, out = cell(carry, x_t + x_bias, h_proj)
         return new_carry, ((out, carry, h_proj) if keep_residuals else out)
 
-    return jax.lax.scan(step, state, x_proj)
+    # One step (sampling) as straight-line code: a one-trip loop still costs a loop per layer.
+    return jax.lax.scan(step, state, x_proj, unroll=x_proj.shape[0] == 1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
