@@ -174,6 +174,11 @@ def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     return _rounded_matmul(x, w, dtype)
 
 
+def _rounded(w: jax.Array, dtype: Any) -> jax.Array:
+    """w in `dtype` when one is given: a weight used in every step is rounded once, outside."""
+    return w if dtype is None else w.astype(dtype)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rounded_matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     """The forward product in `dtype`; its gradient is the float32 one. On CPU, bfloat16 speeds up
@@ -197,6 +202,7 @@ _rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
 def _scan(cell, dtype, w_h, x_bias, h_bias, x_proj, state, keep_residuals: bool):
     """The recurrence over time-major x_proj (time, batch, gates·hidden). With `keep_residuals`
     it also returns, per time step, the state before the step and h̃ = h W_h + h_bias."""
+    w_h = _rounded(w_h, dtype)
 
     def step(carry: LayerState, x_t: jax.Array):
         h_proj = matmul(carry[0], w_h, dtype)
@@ -239,7 +245,8 @@ def _recurrence_fwd(cell, dtype, w_h, x_bias, h_bias, x_proj, state):
 def _recurrence_bwd(cell, dtype, residuals, cotangents):
     w_h, x_bias, h_bias, x_proj, previous, h_proj = residuals
     d_final, d_outputs = cotangents
-    w_h_t = w_h.T  # transposed once here: a transposed operand makes the per-step matmul slower
+    # Transposed (and rounded) once here: a transposed operand makes the per-step matmul slower.
+    w_h_t = _rounded(w_h.T, dtype)
 
     def step(d_state: LayerState, per_step):
         state_t, x_t, h_proj_t, d_out_t = per_step
