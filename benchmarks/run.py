@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,8 +51,16 @@ class Shape:
     seq: int
     embed: int = 64
 
-    def config(self) -> model.ModelConfig:
-        return model.ModelConfig(self.vocab, self.cell, self.layers, self.hidden, self.embed)
+    def config(self, precision: str = "float32") -> model.ModelConfig:
+        return model.ModelConfig(
+            self.vocab, self.cell, self.layers, self.hidden, self.embed, precision=precision
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes of float32 weights one character reads when sampling: every matrix once."""
+        gates = model.GATES[self.cell]
+        recurrent = self.embed + (2 * self.layers - 1) * self.hidden
+        return 4 * (recurrent * gates * self.hidden + self.hidden * self.vocab)
 
     def train_flops_per_char(self) -> float:
         """Matmul FLOPs of forward and backward (3× forward) per character."""
@@ -132,9 +139,9 @@ def torch_train_speed(shape: Shape, steps: int) -> float:
     return steps * shape.batch * shape.seq / (time.perf_counter() - start)
 
 
-def charlm_train_speed(shape: Shape, steps: int) -> tuple[float, float]:
+def charlm_train_speed(shape: Shape, steps: int, precision: str) -> tuple[float, float]:
     """Characters per second of charlm's compiled step, and the seconds of its compilation."""
-    config = shape.config()
+    config = shape.config(precision)
     optimizer = make_optimizer(TrainConfig())
     train_step = make_train_step(config, optimizer)
     state = init_state(config, optimizer, shape.batch, seed=0)
@@ -163,12 +170,23 @@ def charlm_train_speed(shape: Shape, steps: int) -> tuple[float, float]:
     return steps * shape.batch * shape.seq / (time.perf_counter() - start), compile_seconds
 
 
-def matmul_peak(size: int = 4096) -> float:
-    """FLOP/s of a large float32 matmul in JAX: the machine's practical peak."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
+def matmul_peak(dtype: jnp.dtype, size: int = 4096) -> float:
+    """FLOP/s of a large matmul in JAX with operands in `dtype`, accumulated in float32: the
+    machine's practical peak."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     jax.block_until_ready(matmul(a, a))
     return 2 * size**3 / timed(lambda: jax.block_until_ready(matmul(a, a)), 5)
+
+
+def matvec_bandwidth(size: int = 2048) -> float:
+    """Bytes per second a float32 matrix-vector product reads: what bounds sampling at batch
+    1, where every character reads every weight once. The matrix is 16 MiB, like M's weights."""
+    w = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    v = jnp.ones((1, size), jnp.float32)
+    matvec = jax.jit(lambda v, w: jax.lax.fori_loop(0, 100, lambda _, x: jnp.tanh(x @ w), v))
+    jax.block_until_ready(matvec(v, w))
+    return 100 * w.nbytes / timed(lambda: jax.block_until_ready(matvec(v, w)), 5)
 
 
 def torch_sample_speed(shape: Shape, batch: int, length: int) -> float:
@@ -266,21 +284,23 @@ def first_character_seconds(checkpoint: Path, cache: Path) -> float:
 
 
 def training_peak_memory(corpus: Path, workdir: Path, steps: int) -> float:
-    """Peak resident memory (GiB) of `charlm train` on `corpus`, in its own process (the
-    largest of this process's children so far, which the training run is)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    _charlm(
-        "train",
-        str(corpus),
-        "--steps",
-        str(steps),
-        "--eval-every",
-        str(steps),
-        "--quiet",
+    """Peak resident memory (GiB) of `charlm train` on `corpus`. A small Python process starts
+    it and reads its peak: a child forked from this one would first count this process's own
+    memory (PyTorch and JAX both loaded)."""
+    command = [sys.executable, "-m", "charlm", "train", str(corpus), "--steps", str(steps)]
+    command += ["--eval-every", str(steps), "--quiet"]
+    measure = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", measure, *command],
         cwd=workdir,
-    ).wait()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(before, after) / 2**20
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(result.stdout.split()[-1]) / 2**20
 
 
 def machine() -> dict[str, str]:
@@ -319,36 +339,52 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
-    peak = matmul_peak()
+    peak = matmul_peak(jnp.float32)
+    peak_bf16 = matmul_peak(jnp.bfloat16)
     rows.append(("float32 matmul peak (4096²)", f"{peak / 1e9:,.0f} GFLOP/s", "", ""))
+    rows.append(("bfloat16 matmul peak (4096²)", f"{peak_bf16 / 1e9:,.0f} GFLOP/s", "", ""))
     compile_times = {}
     for name in ["S", "M", "M-GRU", *(["L"] if on_gpu else [])]:
         shape = SHAPES[name]
-        ours, compile_times[name] = charlm_train_speed(shape, steps)
-        row(
-            f"training {name} ({shape.layers}×{shape.hidden} {shape.cell.upper()}, V {shape.vocab})",
-            ours,
-            torch_train_speed(shape, steps),
-            "chars/s",
-        )
-        if name == "M":
-            rows.append(
-                (
-                    "fraction of matmul peak, training M",
-                    f"{ours * shape.train_flops_per_char() / peak:.0%}",
-                    "",
-                    "",
-                )
+        reference = torch_train_speed(shape, steps)
+        for precision, matmul_rate in (("float32", peak), ("bfloat16", peak_bf16)):
+            ours, compile_times[name, precision] = charlm_train_speed(shape, steps, precision)
+            row(
+                f"training {name} ({shape.layers}×{shape.hidden} {shape.cell.upper()}, "
+                f"V {shape.vocab}), {precision}",
+                ours,
+                reference,
+                "chars/s",
             )
+            if name == "M":
+                fraction = ours * shape.train_flops_per_char() / matmul_rate
+                rows.append(
+                    (
+                        f"fraction of the {precision} matmul peak, training M",
+                        f"{fraction:.0%}",
+                        "",
+                        "",
+                    )
+                )
+    bandwidth = matvec_bandwidth()
+    rows.append(("float32 matrix-vector read bandwidth", f"{bandwidth / 1e9:,.0f} GB/s", "", ""))
     for name in ("S", "M"):
+        shape = SHAPES[name]
         for batch in (1, 64):
-            shape = SHAPES[name]
             row(
                 f"sampling {name}, batch {batch}",
                 charlm_sample_speed(shape, batch, length),
                 torch_sample_speed(shape, batch, length),
                 "chars/s",
             )
+        rows.append(
+            (
+                f"sampling {name}, batch 1: bound of weight bytes per character / bandwidth",
+                f"{bandwidth / shape.weight_bytes():,.0f} chars/s",
+                "",
+                "",
+            )
+        )
     tokens = np.random.default_rng(0).integers(0, 4000, 20_000 if not args.quick else 3000)
     row(
         "perplexity evaluation M",
@@ -356,8 +392,10 @@ def main() -> None:
         torch_eval_speed(SHAPES["M"], tokens),
         "chars/s",
     )
-    for name, seconds in compile_times.items():
-        rows.append((f"compile time of the training step, {name}", f"{seconds:.1f} s", "", ""))
+    for (name, precision), seconds in compile_times.items():
+        rows.append(
+            (f"compile time of the training step, {name}, {precision}", f"{seconds:.1f} s", "", "")
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

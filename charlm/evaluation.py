@@ -9,6 +9,7 @@ predicts the text without them) and reported with their counts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ def _chunk_nats(
     mask: jax.Array,
     config: model.ModelConfig,
 ) -> tuple[model.State, jax.Array]:
-    logits, state = model.apply(params, inputs[None], state, config)
-    nats = optax.softmax_cross_entropy_with_integer_labels(logits[0], targets)
+    logits, state = model.forward(params, inputs[:, None], state, config)
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits[:, 0], targets)
     return state, jnp.sum(jnp.where(mask, nats, 0.0))
 
 
@@ -53,6 +54,8 @@ def total_nats(
     count = len(tokens) - 1
     if count < 1:
         return 0.0, 0
+    # One stream makes every recurrent step a matrix-vector product: faster in float32 on CPU.
+    config = dataclasses.replace(config, precision="float32")
     padded = -(-count // chunk_size) * chunk_size
     inputs = np.zeros(padded, np.int32)
     targets = np.zeros(padded, np.int32)

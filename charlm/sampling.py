@@ -8,6 +8,7 @@ the same text whatever the chunk size or the number of samples drawn beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from collections.abc import Iterator
@@ -82,8 +83,8 @@ def _advance(
         keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, position + i)
         drawn = draw(logits, keys, temperature, top_k, top_p, greedy)
         token = jnp.where(i < n_forced, forced[i], drawn)
-        logits, state = model.apply(params, token[:, None], state, config)
-        return (state, logits[:, 0]), token
+        logits, state = model.forward(params, token[None], state, config)
+        return (state, logits[0]), token
 
     (state, logits), tokens = jax.lax.scan(step, (state, logits), jnp.arange(steps))
     return state, logits, tokens.T
@@ -107,6 +108,10 @@ def generate(
     (num_samples, n), chunk by chunk. `context` is one prime (n,) that every sample shares or
     one prime per sample (num_samples, n), all of the same length. With an empty context the
     first character is drawn uniformly."""
+    if length == 0:
+        return
+    # One character at a time is a matrix-vector product, which is faster in float32 on CPU.
+    config = dataclasses.replace(config, precision="float32")
     state = model.initial_state(config, num_samples)
     logits = jnp.zeros((num_samples, config.vocab_size), jnp.float32)
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_samples))
@@ -118,8 +123,11 @@ def generate(
     )
     context = np.asarray(context, np.int32)
     context = np.broadcast_to(context, (num_samples, context.shape[-1]))
-    position, emitted = 0, 0
-    while emitted < length:
+    chunks = -(-(context.shape[1] + length) // chunk_size)
+
+    def launch(position: int):
+        """Dispatch the chunk at `position`; JAX returns before it has run."""
+        nonlocal state, logits
         forced = context[:, position : position + chunk_size]
         padded = np.zeros((chunk_size, num_samples), np.int32)
         padded[: forced.shape[1]] = forced.T
@@ -135,8 +143,17 @@ def generate(
             config=config,
             steps=chunk_size,
         )
-        position += chunk_size
-        new = np.asarray(tokens)[:, forced.shape[1] :][:, : length - emitted]
+        return forced.shape[1], tokens
+
+    # One chunk is always in flight, so the device computes the next chunk while this one is
+    # copied to the host and yielded.
+    pending = launch(0)
+    emitted = 0
+    for chunk in range(1, chunks + 1):
+        n_forced, tokens = pending
+        if chunk < chunks:
+            pending = launch(chunk * chunk_size)
+        new = np.asarray(tokens)[:, n_forced:][:, : length - emitted]
         if new.shape[1]:
             emitted += new.shape[1]
             yield new

@@ -54,6 +54,7 @@ class TrainConfig:
     hidden_size: int = 256
     embed_size: int = 64
     dropout: float = 0.0
+    precision: str = "float32"
     batch_size: int = 32
     seq_len: int = 100
     val_fraction: float = 0.1
@@ -91,10 +92,18 @@ class TrainConfig:
             raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.cell not in model.CELLS:
             raise CharlmError(f"--cell must be one of {', '.join(model.CELLS)}")
+        if self.precision not in model.PRECISIONS:
+            raise CharlmError(f"--precision must be one of {', '.join(model.PRECISIONS)}")
 
     def model_config(self, vocab_size: int) -> model.ModelConfig:
         return model.ModelConfig(
-            vocab_size, self.cell, self.layers, self.hidden_size, self.embed_size, self.dropout
+            vocab_size,
+            self.cell,
+            self.layers,
+            self.hidden_size,
+            self.embed_size,
+            self.dropout,
+            self.precision,
         )
 
 
@@ -153,7 +162,8 @@ def sequence_loss(
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, model.State]:
     """Mean cross-entropy in nats per character of a (batch, time) window, and the state after it."""
-    logits, carry = model.apply(params, inputs, carry, config, dropout_key)
+    inputs, targets = jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(targets, 0, 1)
+    logits, carry = model.forward(params, inputs, carry, config, dropout_key)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), carry
 
 

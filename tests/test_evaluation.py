@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -38,6 +39,15 @@ def test_matches_one_uncut_forward_pass(trained_run: Path):
     nats, count = total_nats(params, config, tokens, chunk_size=4)
     assert count == len(tokens) - 1
     assert nats == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_bfloat16_model_is_evaluated_in_float32(trained_run: Path):
+    """precision is how a model was trained; one stream is scored in float32 (faster there)."""
+    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    assert config.precision == "float32"
+    rounded = dataclasses.replace(config, precision="bfloat16")
+    tokens = vocab.encode("出战 the army rides at dawn 天下大势。\n将军 关羽")
+    assert total_nats(params, rounded, tokens) == total_nats(params, config, tokens)
 
 
 def test_held_out_split_scores_as_the_last_validation(trained_run: Path):

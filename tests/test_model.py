@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -138,11 +139,14 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-5):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_apply_matches_numpy_reference(cell):
-    config, params, tokens, state = setup(cell)
+@pytest.mark.parametrize("batch", [BATCH, 1])
+def test_apply_matches_numpy_reference(cell, batch):
+    """With 3×7 tokens the embedding table (11 rows) is projected whole and gathered; with 1×7
+    every gathered row is projected: both paths against the reference."""
+    config, params, tokens, state = setup(cell, batch=batch)
     expected_logits, expected_state = np_forward(to_f64(params), tokens, state, cell)
     logits, new_state = apply(params, jnp.asarray(tokens), as_f32(state), config)
-    assert logits.shape == (BATCH, TIME, config.vocab_size)
+    assert logits.shape == (batch, TIME, config.vocab_size)
     assert logits.dtype == jnp.float32
     assert_close(logits, expected_logits)
     # Same structure: per layer (h, c) for the LSTM, (h,) otherwise.
@@ -158,7 +162,10 @@ def test_each_cell_matches_its_equations(cell):
     x = np.random.default_rng(1).normal(size=(BATCH, config.embed_size))
     expected = NP_CELLS[cell](layer, state[0], x)
     x_proj = jnp.asarray(x @ layer["w_x"] + layer["b"], jnp.float32)
-    new_state, out = model.CELLS[cell](params["layers"][0], as_f32(state[0]), x_proj)
+    h_proj = state[0][0] @ layer["w_h"]
+    if cell == "gru":
+        h_proj[:, 2 * config.hidden_size :] += layer["b_hn"]
+    new_state, out = model.CELLS[cell](as_f32(state[0]), x_proj, jnp.asarray(h_proj, jnp.float32))
     assert_close(new_state, expected)
     assert_close(out, expected[0])  # the output is the new h
 
@@ -270,6 +277,61 @@ def test_gradients_match_finite_differences(cell):
         assert checked == 3 * len(leaves) >= 3 * (3 + 3 * config.layers)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_hand_written_gradient_matches_autodiff_of_the_scan(cell):
+    """`recurrence` has a hand-written VJP; autodiff through the same scan (its undecorated
+    function) is the reference. The loss reads every output and every part of the final state,
+    so each cotangent path is exercised; float32, to float32 rounding."""
+    config = model.ModelConfig(vocab_size=5, cell=cell, hidden_size=8)
+    rng = np.random.default_rng(7)
+    gates, hidden = model.GATES[cell] * 8, 8
+    w_h = rng.uniform(-0.5, 0.5, (hidden, gates)).astype(np.float32)
+    x_bias = rng.normal(size=gates).astype(np.float32)
+    h_bias = model.recurrent_bias(config, {"b_hn": rng.normal(size=hidden).astype(np.float32)})
+    x_proj = rng.normal(size=(9, 3, gates)).astype(np.float32)
+    state = as_f32(random_state(config, 3, rng)[0])
+    weights = [rng.normal(size=(9, 3, hidden)), *(rng.normal(size=(3, hidden)) for _ in state)]
+    cell_fn = model.CELLS[cell]
+
+    def loss(fn, *args):
+        final, outputs = fn(cell_fn, None, *args)
+        return sum(jnp.sum(w * a) for w, a in zip(weights, [outputs, *final]))
+
+    args = (w_h, x_bias, h_bias, x_proj, state)
+    argnums = tuple(n for n, a in enumerate(args) if a is not None)
+    fast = jax.jit(jax.grad(partial(loss, model.recurrence), argnums))(*args)
+    plain = jax.jit(jax.grad(partial(loss, model.recurrence.fun), argnums))(*args)
+    # w_h, x_bias, x_proj and each state part, and h_bias for the GRU.
+    expected = 3 + len(state) + (cell == "gru")
+    assert len(jax.tree.leaves(fast)) == len(jax.tree.leaves(plain)) == expected
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bfloat16_matmuls_stay_close_to_float32(cell):
+    """precision="bfloat16" rounds matmul operands to 8 significant bits and keeps float32
+    state and accumulation: logits and gradients stay within bfloat16 rounding of float32,
+    yet are not identical to them (the rounding did happen)."""
+    config, params, tokens, state = setup(cell, batch=4, time=12, hidden_size=32, vocab_size=40)
+    rounded = model.ModelConfig(**{**config.to_dict(), "precision": "bfloat16"})
+    targets = np.random.default_rng(2).integers(0, config.vocab_size, tokens.shape)
+
+    def loss(p, c):
+        logits, _ = model.apply(p, tokens, as_f32(state), c)
+        return cross_entropy(logits, targets), logits
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g32, logits32), (g16, logits16) = grad(params, config), grad(params, rounded)
+    assert logits16.dtype == jnp.float32
+    scale = np.abs(logits32).max()
+    assert 0 < np.abs(logits16 - logits32).max() < 3e-2 * scale
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        a, b = np.ravel(a), np.ravel(b)
+        cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        assert cosine > 0.995, cosine
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Initialisation.
 
@@ -316,9 +378,8 @@ def test_lstm_forget_bias_is_the_second_gate():
     layer = jax.tree.map(jnp.zeros_like, params["layers"][0]) | {"b": params["layers"][0]["b"]}
     c = jnp.linspace(-2, 2, BATCH * config.hidden_size).reshape(BATCH, config.hidden_size)
     h = jnp.zeros_like(c)
-    (_, c_new), _ = model.lstm_cell(
-        layer, (h, c), jnp.broadcast_to(layer["b"], (BATCH, 4 * config.hidden_size))
-    )
+    x_proj = jnp.broadcast_to(layer["b"], (BATCH, 4 * config.hidden_size))
+    (_, c_new), _ = model.lstm_cell((h, c), x_proj, h @ layer["w_h"])
     np.testing.assert_allclose(c_new, c / (1 + math.exp(-1)), rtol=1e-6)
 
 

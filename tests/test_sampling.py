@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -23,6 +24,21 @@ def test_same_seed_same_text_whatever_the_chunking(trained_run: Path):
     assert first == again
     assert first != other
     assert first[0].startswith("出战") and len(first[0]) == 2 + 150
+
+
+def test_a_bfloat16_model_samples_in_float32():
+    """precision is how a model was trained; sampling runs in float32 (faster one character at
+    a time). Large random weights and 300 characters make bfloat16's rounding change draws."""
+    config = model.ModelConfig(vocab_size=300, hidden_size=64, embed_size=16)
+    params = jax.tree.map(lambda p: 4 * p, model.init(jax.random.key(0), config))
+    rounded = dataclasses.replace(config, precision="bfloat16")
+    context = np.array([1, 2], np.int32)
+
+    def text(c):
+        pieces = generate(params, c, context, 200, jax.random.key(3), num_samples=4)
+        return np.concatenate(list(pieces), axis=1)
+
+    np.testing.assert_array_equal(text(rounded), text(config))
 
 
 def test_a_sample_does_not_depend_on_how_many_are_drawn_beside_it(trained_run: Path):
