@@ -205,3 +205,24 @@ def test_train_takes_a_catalog_name():
     assert corpus["path"].endswith("addition.txt") and set(Path(corpus["path"]).read_text()) <= set(
         "01+=\n"
     )
+
+
+def test_bfloat16_run_trains_resumes_and_records_its_precision(corpus_file: Path):
+    """--precision bfloat16 end to end: it trains like float32, the checkpoint records the
+    precision, the run resumes, and a resume cannot switch it."""
+    options = dict(TINY, precision="bfloat16", progress=False, run_dir="bf16")
+    result = charlm.train(str(corpus_file), steps=40, **options)
+    loaded = ckpt.load(ckpt.resolve(result.run_dir))
+    assert loaded.meta["model"]["precision"] == "bfloat16"
+    plain = charlm.train(
+        str(corpus_file), steps=40, **{**options, "precision": "float32", "run_dir": "f32"}
+    )
+    # The same run in float32 ends within bfloat16 rounding of it, but not identical.
+    assert result.train_loss != plain.train_loss
+    assert result.train_loss == pytest.approx(plain.train_loss, abs=0.05)
+    resumed = charlm.train(str(corpus_file), resume=True, steps=50, **options)
+    assert resumed.step == 50
+    with pytest.raises(CharlmError, match="precision"):
+        charlm.train(str(corpus_file), resume=True, steps=60, **{**options, "precision": "float32"})
+    with pytest.raises(CharlmError, match="--precision must be one of float32, bfloat16"):
+        charlm.train(str(corpus_file), steps=5, **{**options, "precision": "float16"})
