@@ -36,6 +36,7 @@ from charlm.training import TrainConfig, init_state, make_optimizer, make_train_
 
 ROOT = Path(__file__).resolve().parents[1]
 SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"
+CHARLM = [sys.executable, "-m", "charlm"]
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ def charlm_eval_speed(shape: Shape, tokens: np.ndarray) -> float:
 
 
 def _charlm(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "charlm", *args], env=env, **kwargs)
+    return subprocess.Popen([*CHARLM, *args], env=env, **kwargs)
 
 
 def help_seconds() -> float:
@@ -287,7 +288,7 @@ def training_peak_memory(corpus: Path, workdir: Path, steps: int) -> float:
     """Peak resident memory (GiB) of `charlm train` on `corpus`. A small Python process starts
     it and reads its peak: a child forked from this one would first count this process's own
     memory (PyTorch and JAX both loaded)."""
-    command = [sys.executable, "-m", "charlm", "train", str(corpus), "--steps", str(steps)]
+    command = [*CHARLM, "train", str(corpus), "--steps", str(steps)]
     command += ["--eval-every", str(steps), "--quiet"]
     measure = (
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "

@@ -3,10 +3,11 @@
 Parameters are a plain pytree and every function here is pure. The model's shape is a
 `ModelConfig`, passed as a static argument (it is hashable, so `jax.jit` specialises on it);
 `functools.partial(apply, config=config)` is the `apply(params, tokens, state)` of a given
-shape. A batch is (batch, time) with
-the batch axis first everywhere, hidden state included, so data parallelism shards axis 0.
-Inside a layer the input projection for all time steps is one matmul; only the recurrent
-matmul runs inside the `jax.lax.scan` over time.
+shape. `apply` takes and returns (batch, time) arrays, batch axis first, hidden state
+(batch, hidden) included, so data parallelism shards axis 0; inside, `forward` runs time-major,
+as the scan does. In a layer the input projection for all time steps is one matmul; only the
+recurrent matmul runs inside the `jax.lax.scan` over time, whose gradient is hand-written
+(`recurrence`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 STATE_PARTS = {"lstm": 2, "gru": 1, "rnn": 1}
 # The operand type of every matmul; None keeps the parameters' own (float32, or float64 in tests).
 PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def for_one_stream(config: ModelConfig) -> ModelConfig:
+    """The config to run one stream or one character at a time with (evaluation, sampling):
+    float32, whatever the training precision, because there every recurrent step is a
+    matrix-vector product, and those are several times slower in bfloat16 on CPU."""
+    return dataclasses.replace(config, precision="float32")
 
 
 def init(key: jax.Array, config: ModelConfig) -> Params:

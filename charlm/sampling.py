@@ -8,7 +8,6 @@ the same text whatever the chunk size or the number of samples drawn beside it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 from collections.abc import Iterator
@@ -110,8 +109,7 @@ def generate(
     first character is drawn uniformly."""
     if length == 0:
         return
-    # One character at a time is a matrix-vector product, which is faster in float32 on CPU.
-    config = dataclasses.replace(config, precision="float32")
+    config = model.for_one_stream(config)
     state = model.initial_state(config, num_samples)
     logits = jnp.zeros((num_samples, config.vocab_size), jnp.float32)
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_samples))
