@@ -308,6 +308,29 @@ def test_hand_written_gradient_matches_autodiff_of_the_scan(cell):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_matmul_gradient_is_the_products_of_its_rounded_operands(precision):
+    """`matmul`'s hand-written VJP, for time-major x as the model passes it: d_x = d_y Wᵀ and
+    ∂W = Σ xᵀ d_y, with every operand rounded to the run's precision (bfloat16 in the backward
+    pass too), against float64 products of the same rounded operands."""
+    dtype = model.PRECISIONS[precision]
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(7, 3, 16)).astype(np.float32)
+    w = rng.normal(size=(16, 24)).astype(np.float32)
+    d_y = rng.normal(size=(7, 3, 24)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x, w: model.matmul(x, w, dtype), x, w)
+    d_x, d_w = jax.jit(vjp)(d_y)
+
+    def rounded(a):
+        return np.asarray(jnp.asarray(a).astype(dtype or jnp.float32), np.float64)
+
+    np.testing.assert_allclose(y, rounded(x) @ rounded(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_x, rounded(d_y) @ rounded(w).T, rtol=1e-5, atol=1e-5)
+    expected_d_w = np.einsum("tbk,tbn->kn", rounded(x), rounded(d_y))
+    np.testing.assert_allclose(d_w, expected_d_w, rtol=1e-5, atol=1e-5)
+    assert d_x.dtype == d_w.dtype == np.float32
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_matmuls_stay_close_to_float32(cell):
     """precision="bfloat16" rounds matmul operands to 8 significant bits and keeps float32
