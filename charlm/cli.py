@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from charlm import __version__
+from charlm import __version__, runtime
 from charlm.errors import CharlmError
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
@@ -40,28 +40,17 @@ class Duration(click.ParamType):
         return hours * 3600 + minutes * 60 + seconds
 
 
-def _enable_compilation_cache() -> None:
-    """Keep compiled programs across invocations (JAX's persistent cache), so a second
-    `charlm sample` skips compilation."""
-    import jax
-
-    from charlm.files import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def _user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
     """Print a CharlmError as one line and exit 1; never show a traceback for bad input.
-    A command that `compiles` keeps JAX's compiled programs across invocations; the others
+    A command that `compiles` first makes the process settings of `charlm.runtime`; the others
     (the corpus commands) never import JAX."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             if compiles:
-                _enable_compilation_cache()
+                runtime.reuse_freed_memory()
+                runtime.enable_compilation_cache()
             return command(*args, **kwargs)
         except CharlmError as err:
             click.echo(f"charlm: error: {err}", err=True)
