@@ -6,6 +6,11 @@
 
 Every speed is reported as a ratio to the reference measured in the same run on the same
 machine; compilation and warm-up are excluded from throughput and reported separately.
+Training speeds are the medians of rounds that measure charlm and the reference in turn.
+
+The process first makes charlm's malloc setting (`runtime.reuse_freed_memory`, as the CLI
+does), which speeds up PyTorch as much as it speeds up charlm; so the training reference is
+also measured as a PyTorch script runs by default, in a child process with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm import model
+from charlm import model, runtime
 from charlm.evaluation import total_nats
 from charlm.sampling import generate
 from charlm.training import TrainConfig, init_state, make_optimizer, make_train_step
@@ -171,13 +176,26 @@ def charlm_train_speed(shape: Shape, steps: int, precision: str) -> tuple[float,
     return steps * shape.batch * shape.seq / (time.perf_counter() - start), compile_seconds
 
 
-def matmul_peak(dtype: jnp.dtype, size: int = 4096) -> float:
-    """FLOP/s of a large matmul in JAX with operands in `dtype`, accumulated in float32: the
-    machine's practical peak."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+def torch_train_speed_default_malloc(shape: Shape, steps: int) -> float:
+    """`torch_train_speed` in a child process that keeps glibc's default malloc."""
+    command = [sys.executable, __file__, "--reference", shape.name, "--steps", str(steps)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])
+
+
+def matmul_peak(dtype: jnp.dtype) -> float:
+    """FLOP/s of square matmuls in JAX with operands in `dtype`, accumulated in float32: the
+    best of sizes 1024, 2048 and 4096 and of five calls each, the machine's practical peak."""
     matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    jax.block_until_ready(matmul(a, a))
-    return 2 * size**3 / timed(lambda: jax.block_until_ready(matmul(a, a)), 5)
+    best = 0.0
+    for size in (1024, 2048, 4096):
+        a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+        jax.block_until_ready(matmul(a, a))
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(matmul(a, a))
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
 
 
 def matvec_bandwidth(size: int = 2048) -> float:
@@ -328,8 +346,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, to check that it runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of training measurements")
+    parser.add_argument("--reference", choices=SHAPES, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference:
+        # The child of torch_train_speed_default_malloc: glibc's defaults, one figure.
+        print(torch_train_speed(SHAPES[args.reference], args.steps))
+        return
+    reuses_freed_memory = runtime.reuse_freed_memory()
     steps, length = (5, 200) if args.quick else (30, 2000)
+    rounds = 1 if args.quick else args.rounds
     on_gpu = jax.default_backend() == "gpu"
     rows: list[tuple[str, str, str, str]] = []
 
@@ -342,23 +369,36 @@ def main() -> None:
 
     peak = matmul_peak(jnp.float32)
     peak_bf16 = matmul_peak(jnp.bfloat16)
-    rows.append(("float32 matmul peak (4096²)", f"{peak / 1e9:,.0f} GFLOP/s", "", ""))
-    rows.append(("bfloat16 matmul peak (4096²)", f"{peak_bf16 / 1e9:,.0f} GFLOP/s", "", ""))
+    rows.append(("float32 matmul peak", f"{peak / 1e9:,.0f} GFLOP/s", "", ""))
+    rows.append(("bfloat16 matmul peak", f"{peak_bf16 / 1e9:,.0f} GFLOP/s", "", ""))
     compile_times = {}
     for name in ["S", "M", "M-GRU", *(["L"] if on_gpu else [])]:
         shape = SHAPES[name]
-        reference = torch_train_speed(shape, steps)
+        runs: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            runs.setdefault("reference", []).append(torch_train_speed(shape, steps))
+            for precision in ("float32", "bfloat16"):
+                speed, compile_times[name, precision] = charlm_train_speed(shape, steps, precision)
+                runs.setdefault(precision, []).append(speed)
+            if not on_gpu:
+                runs.setdefault("default malloc", []).append(
+                    torch_train_speed_default_malloc(shape, steps)
+                )
+        speeds = {key: statistics.median(values) for key, values in runs.items()}
+        label = (
+            f"training {name} ({shape.layers}×{shape.hidden} {shape.cell.upper()}, V {shape.vocab})"
+        )
         for precision, matmul_rate in (("float32", peak), ("bfloat16", peak_bf16)):
-            ours, compile_times[name, precision] = charlm_train_speed(shape, steps, precision)
-            row(
-                f"training {name} ({shape.layers}×{shape.hidden} {shape.cell.upper()}, "
-                f"V {shape.vocab}), {precision}",
-                ours,
-                reference,
-                "chars/s",
-            )
+            row(f"{label}, {precision}", speeds[precision], speeds["reference"], "chars/s")
+            if "default malloc" in speeds:
+                row(
+                    f"{label}, {precision}, against the reference under glibc's default malloc",
+                    speeds[precision],
+                    speeds["default malloc"],
+                    "chars/s",
+                )
             if name == "M":
-                fraction = ours * shape.train_flops_per_char() / matmul_rate
+                fraction = speeds[precision] * shape.train_flops_per_char() / matmul_rate
                 rows.append(
                     (
                         f"fraction of the {precision} matmul peak, training M",
@@ -429,6 +469,11 @@ def main() -> None:
             rows.append(("peak memory, training on 三国演义", f"{memory:.2f} GiB", "", ""))
 
     info = machine()
+    info["malloc"] = (
+        "charlm's setting (`runtime.reuse_freed_memory`) for both sides, unless a row says otherwise"
+        if reuses_freed_memory
+        else "the platform's default"
+    )
     lines = ["# Benchmark results", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += ["", "| figure | charlm | PyTorch reference | ratio |", "| --- | --- | --- | --- |"]
