@@ -277,7 +277,7 @@ def _recurrence_bwd(cell, dtype, residuals, cotangents):
         state_t, x_t, h_proj_t, d_out_t = per_step
         _, cell_vjp = jax.vjp(cell, state_t, x_t + x_bias, h_proj_t)
         d_state_t, d_x_t, d_h_proj_t = cell_vjp((d_state, d_out_t))
-        d_h = d_state_t[0] + matmul(d_h_proj_t, w_h_t, dtype)
+        d_h = d_state_t[0] + _dot(d_h_proj_t, w_h_t, dtype)
         # Where x̃ and h̃ are only summed (LSTM, Elman) their cotangents are one array: keep one.
         outputs = (d_x_t,) if d_x_t is d_h_proj_t else (d_x_t, d_h_proj_t)
         return (d_h, *d_state_t[1:]), outputs
