@@ -380,7 +380,7 @@ def main() -> None:
             for precision in ("float32", "bfloat16"):
                 speed, compile_times[name, precision] = charlm_train_speed(shape, steps, precision)
                 runs.setdefault(precision, []).append(speed)
-            if not on_gpu:
+            if reuses_freed_memory:
                 runs.setdefault("default malloc", []).append(
                     torch_train_speed_default_malloc(shape, steps)
                 )
