@@ -14,7 +14,7 @@ import charlm
 from charlm import checkpoint as ckpt
 from charlm import model
 from charlm.errors import CharlmError
-from charlm.sampling import filter_logits, generate, sample_stream
+from charlm.sampling import draw, filter_logits, generate, inverse_cdf, sample_stream
 
 
 def test_same_seed_same_text_whatever_the_chunking(trained_run: Path):
@@ -116,6 +116,38 @@ def test_filter_logits_top_k_and_top_p():
     assert kept(0, 1.0).all()
     # top-p applies to the top-k distribution, renormalised: 0.5/0.7 ≥ 0.7.
     assert kept(2, 0.7).tolist() == [True, False, False, False, False]
+
+
+def test_inverse_cdf_gives_each_token_its_share_of_the_unit_interval():
+    """Uniforms on an even grid land on each token in proportion to its probability, to within
+    one grid point; tokens of probability 0 (inside the row and at its end) get none, even at
+    the interval's ends."""
+    probs = np.array([0.5, 0.2, 0.0, 0.25, 0.05, 0.0])
+    n = 10_000
+    uniform = jnp.concatenate([(jnp.arange(n) + 0.5) / n, jnp.array([1e-30, 1.0])])
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n + 2, len(probs)))
+    tokens = np.asarray(inverse_cdf(logits, uniform))
+    counts = np.bincount(tokens[:n], minlength=len(probs))
+    assert np.all(np.abs(counts - n * probs) <= 1), counts
+    assert tokens[n] == 0 and tokens[n + 1] == 4
+
+
+def test_draw_samples_softmax_of_the_logits_over_the_temperature():
+    logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
+    n = 40_000
+    keys = jax.random.split(jax.random.key(0), n)
+    tokens = draw(
+        jnp.broadcast_to(logits, (n, 3)),
+        keys,
+        jnp.float32(2.0),
+        jnp.int32(0),
+        jnp.float32(1.0),
+        greedy=False,
+    )
+    expected = np.asarray(jax.nn.softmax(logits / 2.0))
+    frequencies = np.bincount(np.asarray(tokens), minlength=3) / n
+    # Five standard errors of a frequency near 1/3 with 40,000 draws: 0.012.
+    np.testing.assert_allclose(frequencies, expected, atol=0.012)
 
 
 def test_temperature_sharpens_the_distribution(trained_run: Path):
