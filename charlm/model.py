@@ -237,7 +237,10 @@ def _scan(cell, dtype, w_h, x_bias, h_bias, x_proj, state, keep_residuals: bool)
         return new_carry, ((out, carry, h_proj) if keep_residuals else out)
 
     # One step (sampling) as straight-line code: a one-trip loop still costs a loop per layer.
-    return jax.lax.scan(step, state, x_proj, unroll=x_proj.shape[0] == 1)
+    # Training's forward runs two steps per trip: on CPU that trains S 7–12% faster and leaves M
+    # as it was, where the backward scan and one-stream evaluation measured slower unrolled.
+    unroll = True if x_proj.shape[0] == 1 else 2 if keep_residuals else 1
+    return jax.lax.scan(step, state, x_proj, unroll=unroll)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
