@@ -329,15 +329,16 @@ def embed_projection(params: Params, tokens: jax.Array, config: ModelConfig) -> 
     return matmul(embed[tokens], w_x, dtype)
 
 
-def forward(
+def features(
     params: Params,
     tokens: jax.Array,
     state: State,
     config: ModelConfig,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, State]:
-    """Logits (time, batch, vocab) for integer tokens (time, batch), and the state after them.
-    Time-major, as the scan runs, so that no (time, batch, ·) activation is ever transposed.
+    """The last layer's outputs (time, batch, hidden) for integer tokens (time, batch), the
+    input of the head, and the state after them. Time-major, as the scan runs, so that no
+    (time, batch, ·) activation is ever transposed.
 
     Dropout (Zaremba et al. 2014: between layers, never on the recurrence) is applied only when
     `dropout_key` is given.
@@ -355,8 +356,89 @@ def forward(
             keep = 1.0 - config.dropout
             mask = jax.random.bernoulli(jax.random.fold_in(dropout_key, n), keep, x.shape)
             x = jnp.where(mask, x / keep, 0.0)
-    logits = matmul(x, params["head"]["w"], dtype) + params["head"]["b"]
-    return logits, tuple(new_state)
+    return x, tuple(new_state)
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    state: State,
+    config: ModelConfig,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, State]:
+    """Logits (time, batch, vocab) for integer tokens (time, batch), and the state after them;
+    `features` followed by the head."""
+    x, state = features(params, tokens, state, config, dropout_key)
+    logits = matmul(x, params["head"]["w"], PRECISIONS[config.precision]) + params["head"]["b"]
+    return logits, state
+
+
+# Rows of logits that `head_loss` holds at a time: 512 × 4,000 characters is 8 MB.
+LOSS_CHUNK = 512
+
+
+def _head_loss_chunks(x, w, b, targets, dtype, with_gradients: bool):
+    """The mean cross-entropy of x W + b against targets over all rows and, with
+    `with_gradients`, its gradients with respect to x, W and b, a chunk of rows at a time."""
+    hidden, vocab = w.shape
+    rows = targets.size
+    x, targets = x.reshape(rows, hidden), targets.reshape(rows)
+    chunks = -(-rows // LOSS_CHUNK)
+    padding = chunks * LOSS_CHUNK - rows
+    x_chunks = jnp.pad(x, ((0, padding), (0, 0))).reshape(chunks, LOSS_CHUNK, hidden)
+    target_chunks = jnp.pad(targets, (0, padding)).reshape(chunks, LOSS_CHUNK)
+    weight_chunks = (jnp.arange(chunks * LOSS_CHUNK) < rows).reshape(chunks, LOSS_CHUNK) / rows
+    w_rounded = _rounded(w, dtype)
+    w_t = _rounded(_transposed(w), dtype)
+
+    def chunk(totals, inputs):
+        x_c, targets_c, weights_c = inputs
+        logits = _dot(x_c, w_rounded, dtype) + b
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets_c[:, None], axis=-1)[:, 0]
+        loss = totals[0] + jnp.sum(weights_c * (log_z - picked))
+        if not with_gradients:
+            return (loss,), None
+        d_logits = jnp.exp(logits - log_z[:, None]) - jax.nn.one_hot(targets_c, vocab)
+        d_logits = d_logits * weights_c[:, None]
+        d_w = totals[1] + _weight_gradient(x_c, d_logits, dtype)
+        d_b = totals[2] + jnp.sum(d_logits, axis=0)
+        return (loss, d_w, d_b), _dot(d_logits, w_t, dtype)
+
+    zero = jnp.zeros((), jnp.float32)
+    totals = (zero, jnp.zeros_like(w), jnp.zeros_like(b)) if with_gradients else (zero,)
+    totals, d_x = jax.lax.scan(chunk, totals, (x_chunks, target_chunks, weight_chunks))
+    if not with_gradients:
+        return totals[0]
+    d_x = d_x.reshape(chunks * LOSS_CHUNK, hidden)[:rows]
+    return totals[0], (d_x, *totals[1:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_loss(
+    x: jax.Array, w: jax.Array, b: jax.Array, targets: jax.Array, dtype: Any
+) -> jax.Array:
+    """The mean cross-entropy, in nats, of the head's logits x W + b (operands in `dtype`, as in
+    `matmul`) against integer `targets`, over every leading axis of x (…, hidden) and targets.
+
+    No (rows, vocabulary) array is ever whole: the logits are made and consumed `LOSS_CHUNK`
+    rows at a time. The loss ends the graph, so its gradients are computed in the forward
+    pass, in the same chunks, and the backward pass only scales them. A training step on
+    三国演义 (4,000 characters) otherwise keeps four logits-sized arrays of 48 MB each."""
+    return _head_loss_chunks(x, w, b, targets, dtype, with_gradients=False)
+
+
+def _head_loss_fwd(x, w, b, targets, dtype):
+    loss, gradients = _head_loss_chunks(x, w, b, targets, dtype, with_gradients=True)
+    return loss, (gradients, x.shape)
+
+
+def _head_loss_bwd(dtype, residuals, d_loss):
+    (d_x, d_w, d_b), x_shape = residuals
+    return (d_loss * d_x).reshape(x_shape), d_loss * d_w, d_loss * d_b, None
+
+
+head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def apply(

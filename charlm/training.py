@@ -163,8 +163,9 @@ def sequence_loss(
 ) -> tuple[jax.Array, model.State]:
     """Mean cross-entropy in nats per character of a (batch, time) window, and the state after it."""
     inputs, targets = jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(targets, 0, 1)
-    logits, carry = model.forward(params, inputs, carry, config, dropout_key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), carry
+    x, carry = model.features(params, inputs, carry, config, dropout_key)
+    head, dtype = params["head"], model.PRECISIONS[config.precision]
+    return model.head_loss(x, head["w"], head["b"], targets, dtype), carry
 
 
 def init_state(

@@ -331,6 +331,40 @@ def test_matmul_gradient_is_the_products_of_its_rounded_operands(precision):
     assert d_x.dtype == d_w.dtype == np.float32
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_head_loss_equals_the_loss_of_whole_logits(precision, monkeypatch):
+    """`head_loss` makes the logits a few rows at a time (here 4 of 21, so the last chunk is
+    padded) and its gradients in the forward pass: its value and gradients must be those of
+    the plain cross-entropy of `matmul`'s logits, and scale with the loss's cotangent."""
+    monkeypatch.setattr(model, "LOSS_CHUNK", 4)
+    dtype = model.PRECISIONS[precision]
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(7, 3, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 9)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=9), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 9, size=(7, 3)), jnp.int32)
+
+    def plain(x, w, b):
+        logits = model.matmul(x, w, dtype) + b
+        nats = jax.nn.logsumexp(logits, axis=-1)
+        nats -= jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return 3.0 * jnp.mean(nats)
+
+    def chunked(x, w, b):
+        return 3.0 * model.head_loss(x, w, b, targets, dtype)
+
+    value, gradients = jax.value_and_grad(chunked, (0, 1, 2))(x, w, b)
+    expected_value, expected = jax.value_and_grad(plain, (0, 1, 2))(x, w, b)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    np.testing.assert_allclose(model.head_loss(x, w, b, targets, dtype), value / 3.0, rtol=1e-6)
+    # In bfloat16 the logits' gradient is rounded before the cotangent scales it here and
+    # after it does there: the two agree to bfloat16's precision, 2⁻⁸ of the largest entry.
+    tolerance = 1e-5 if dtype is None else 2**-7
+    for got, want in zip(gradients, expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=tolerance * float(jnp.max(jnp.abs(want))))
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_matmuls_stay_close_to_float32(cell):
     """precision="bfloat16" rounds matmul operands to 8 significant bits and keeps float32
