@@ -127,7 +127,7 @@ PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 def for_one_stream(config: ModelConfig) -> ModelConfig:
     """The config to run one stream or one character at a time with (evaluation, sampling):
     float32, whatever the training precision, because there every recurrent step is a
-    matrix-vector product, and those are several times slower in bfloat16 on CPU."""
+    matrix-vector product, and there bfloat16 is 2–3× slower on CPU."""
     return dataclasses.replace(config, precision="float32")
 
 
