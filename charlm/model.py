@@ -373,21 +373,27 @@ def forward(
     return logits, state
 
 
-# Rows of logits that `head_loss` holds at a time: 512 × 4,000 characters is 8 MB.
+# The most rows of logits that `head_loss` holds at a time: 512 × 4,000 characters is 8 MB.
 LOSS_CHUNK = 512
 
 
 def _head_loss_chunks(x, w, b, targets, dtype, with_gradients: bool):
     """The mean cross-entropy of x W + b against targets over all rows and, with
     `with_gradients`, its gradients with respect to x, W and b, a chunk of rows at a time."""
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"targets {targets.shape} do not match the rows of x {x.shape}")
     hidden, vocab = w.shape
     rows = targets.size
     x, targets = x.reshape(rows, hidden), targets.reshape(rows)
+    # Equal chunks, so that padding stays under one row per chunk (3,200 rows: 7 × 458).
     chunks = -(-rows // LOSS_CHUNK)
-    padding = chunks * LOSS_CHUNK - rows
-    x_chunks = jnp.pad(x, ((0, padding), (0, 0))).reshape(chunks, LOSS_CHUNK, hidden)
-    target_chunks = jnp.pad(targets, (0, padding)).reshape(chunks, LOSS_CHUNK)
-    weight_chunks = (jnp.arange(chunks * LOSS_CHUNK) < rows).reshape(chunks, LOSS_CHUNK) / rows
+    size = -(-rows // chunks)
+    padding = chunks * size - rows
+    x_chunks = jnp.pad(x, ((0, padding), (0, 0))).reshape(chunks, size, hidden)
+    target_chunks = jnp.pad(targets, (0, padding)).reshape(chunks, size)
+    loss_dtype = jnp.result_type(x.dtype, w.dtype, b.dtype)
+    weight_chunks = (jnp.arange(chunks * size) < rows).astype(loss_dtype).reshape(chunks, size)
+    weight_chunks = weight_chunks / rows
     w_rounded = _rounded(w, dtype)
     w_t = _rounded(_transposed(w), dtype)
 
@@ -405,12 +411,12 @@ def _head_loss_chunks(x, w, b, targets, dtype, with_gradients: bool):
         d_b = totals[2] + jnp.sum(d_logits, axis=0)
         return (loss, d_w, d_b), _dot(d_logits, w_t, dtype)
 
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((), loss_dtype)
     totals = (zero, jnp.zeros_like(w), jnp.zeros_like(b)) if with_gradients else (zero,)
     totals, d_x = jax.lax.scan(chunk, totals, (x_chunks, target_chunks, weight_chunks))
     if not with_gradients:
         return totals[0]
-    d_x = d_x.reshape(chunks * LOSS_CHUNK, hidden)[:rows]
+    d_x = d_x.reshape(chunks * size, hidden)[:rows]
     return totals[0], (d_x, *totals[1:])
 
 
@@ -421,9 +427,9 @@ def head_loss(
     """The mean cross-entropy, in nats, of the head's logits x W + b (operands in `dtype`, as in
     `matmul`) against integer `targets`, over every leading axis of x (…, hidden) and targets.
 
-    No (rows, vocabulary) array is ever whole: the logits are made and consumed `LOSS_CHUNK`
-    rows at a time. The loss ends the graph, so its gradients are computed in the forward
-    pass, in the same chunks, and the backward pass only scales them. A training step on
+    No (rows, vocabulary) array is ever whole: the logits are made and consumed at most
+    `LOSS_CHUNK` rows at a time. The loss ends the graph, so its gradients are computed in the
+    forward pass, in the same chunks, and the backward pass only scales them. A training step on
     三国演义 (4,000 characters) otherwise keeps four logits-sized arrays of 48 MB each."""
     return _head_loss_chunks(x, w, b, targets, dtype, with_gradients=False)
 

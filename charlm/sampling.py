@@ -43,12 +43,16 @@ def inverse_cdf(logits: jax.Array, uniform: jax.Array) -> jax.Array:
     """One token per row of `logits` (batch, vocab), drawn with probability softmax(logits) by
     inversion: the first token whose cumulative probability reaches `uniform` (batch,) in
     (0, 1]. One random number per draw, where the Gumbel-max trick needs one per vocabulary
-    entry (4,000 threefry hashes a character on 三国演义). A token of probability 0 (a logit of
-    -inf) leaves the cumulative sum as it was, so it is never the first to reach it."""
+    entry (4,000 threefry hashes a character on 三国演义). Tokens of probability 0 (logits of
+    -inf, as the filters leave them) are never drawn: XLA's cumulative sum is not monotone to
+    the last bit, so a zero-weight position can sit one rounding step above its predecessor,
+    and only positive-weight positions are candidates, up to the largest of their sums."""
     vocab = logits.shape[-1]
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     cumulative = jnp.cumsum(weights, axis=-1)
-    reached = cumulative >= uniform[:, None] * cumulative[:, -1:]
+    possible = weights > 0
+    total = jnp.max(jnp.where(possible, cumulative, 0.0), axis=-1, keepdims=True)
+    reached = possible & (cumulative >= uniform[:, None] * total)
     # The first index where `reached` holds, as a min-reduction: XLA on CPU runs that several
     # times faster than the variadic reduction of jnp.argmax.
     return jnp.min(jnp.where(reached, jnp.arange(vocab), vocab - 1), axis=-1)

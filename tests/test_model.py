@@ -358,7 +358,8 @@ def test_head_loss_equals_the_loss_of_whole_logits(precision, monkeypatch):
     np.testing.assert_allclose(value, expected_value, rtol=1e-6)
     np.testing.assert_allclose(model.head_loss(x, w, b, targets, dtype), value / 3.0, rtol=1e-6)
     # In bfloat16 the logits' gradient is rounded before the cotangent scales it here and
-    # after it does there: the two agree to bfloat16's precision, 2⁻⁸ of the largest entry.
+    # after it does there: the two agree to within a rounding step of bfloat16 (2⁻⁸ relative),
+    # here 2⁻⁷ of the largest entry.
     tolerance = 1e-5 if dtype is None else 2**-7
     for got, want in zip(gradients, expected):
         assert got.shape == want.shape

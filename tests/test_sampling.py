@@ -132,6 +132,23 @@ def test_inverse_cdf_gives_each_token_its_share_of_the_unit_interval():
     assert tokens[n] == 0 and tokens[n + 1] == 4
 
 
+def test_inverse_cdf_never_draws_a_filtered_token_from_a_large_vocabulary():
+    """XLA's cumulative sum is not monotone to the last bit: over 4,000 entries a zero-weight
+    position can sit a rounding step above the one before it. Uniforms aimed into every such
+    gap, and an even grid, must still draw only tokens the filter kept."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 4000)).astype(np.float32) * 3
+    logits[0, rng.random(4000) < 0.5] = -np.inf
+    weights = jnp.exp(logits - np.max(logits))
+    cumulative = np.asarray(jnp.cumsum(weights, axis=-1))[0]
+    total = cumulative[-1]
+    gaps = np.flatnonzero((np.asarray(weights)[0, 1:] == 0) & (np.diff(cumulative) != 0)) + 1
+    aimed = (cumulative[gaps - 1] + cumulative[gaps]) / 2 / total
+    uniform = np.concatenate([aimed, (np.arange(20_000) + 0.5) / 20_000, [1.0]])
+    tokens = inverse_cdf(jnp.broadcast_to(logits, (len(uniform), 4000)), jnp.asarray(uniform))
+    assert np.all(np.isfinite(logits[0, np.asarray(tokens)]))
+
+
 def test_draw_samples_softmax_of_the_logits_over_the_temperature():
     logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
     n = 40_000
