@@ -367,10 +367,14 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
+    def fact(figure: str, value: str) -> None:
+        """A figure of charlm's alone, with no reference to compare with."""
+        rows.append((figure, value, "", ""))
+
     peak = matmul_peak(jnp.float32)
     peak_bf16 = matmul_peak(jnp.bfloat16)
-    rows.append(("float32 matmul peak", f"{peak / 1e9:,.0f} GFLOP/s", "", ""))
-    rows.append(("bfloat16 matmul peak", f"{peak_bf16 / 1e9:,.0f} GFLOP/s", "", ""))
+    fact("float32 matmul peak", f"{peak / 1e9:,.0f} GFLOP/s")
+    fact("bfloat16 matmul peak", f"{peak_bf16 / 1e9:,.0f} GFLOP/s")
     compile_times = {}
     for name in ["S", "M", "M-GRU", *(["L"] if on_gpu else [])]:
         shape = SHAPES[name]
@@ -399,16 +403,9 @@ def main() -> None:
                 )
             if name == "M":
                 fraction = speeds[precision] * shape.train_flops_per_char() / matmul_rate
-                rows.append(
-                    (
-                        f"fraction of the {precision} matmul peak, training M",
-                        f"{fraction:.0%}",
-                        "",
-                        "",
-                    )
-                )
+                fact(f"fraction of the {precision} matmul peak, training M", f"{fraction:.0%}")
     bandwidth = matvec_bandwidth()
-    rows.append(("float32 matrix-vector read bandwidth", f"{bandwidth / 1e9:,.0f} GB/s", "", ""))
+    fact("float32 matrix-vector read bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")
     for name in ("S", "M"):
         shape = SHAPES[name]
         for batch in (1, 64):
@@ -418,13 +415,9 @@ def main() -> None:
                 torch_sample_speed(shape, batch, length),
                 "chars/s",
             )
-        rows.append(
-            (
-                f"sampling {name}, batch 1: bound of weight bytes per character / bandwidth",
-                f"{bandwidth / shape.weight_bytes():,.0f} chars/s",
-                "",
-                "",
-            )
+        fact(
+            f"sampling {name}, batch 1: bound of weight bytes per character / bandwidth",
+            f"{bandwidth / shape.weight_bytes():,.0f} chars/s",
         )
     tokens = np.random.default_rng(0).integers(0, 4000, 20_000 if not args.quick else 3000)
     row(
@@ -434,9 +427,7 @@ def main() -> None:
         "chars/s",
     )
     for (name, precision), seconds in compile_times.items():
-        rows.append(
-            (f"compile time of the training step, {name}, {precision}", f"{seconds:.1f} s", "", "")
-        )
+        fact(f"compile time of the training step, {name}, {precision}", f"{seconds:.1f} s")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -452,21 +443,16 @@ def main() -> None:
             str(work / "run"),
             cwd=work,
         ).wait()
-        rows.append(("`charlm --help`", f"{help_seconds():.2f} s", "", ""))
+        fact("`charlm --help`", f"{help_seconds():.2f} s")
         cache = work / "cache"
         cold = first_character_seconds(work / "run", cache)
         warm = first_character_seconds(work / "run", cache)
-        rows.append(
-            (
-                "`charlm sample` to first character, cold / warm cache",
-                f"{cold:.2f} s / {warm:.2f} s",
-                "",
-                "",
-            )
+        fact(
+            "`charlm sample` to first character, cold / warm cache", f"{cold:.2f} s / {warm:.2f} s"
         )
         if SANGUO.exists():
             memory = training_peak_memory(SANGUO, work, 50 if not args.quick else 5)
-            rows.append(("peak memory, training on 三国演义", f"{memory:.2f} GiB", "", ""))
+            fact("peak memory, training on 三国演义", f"{memory:.2f} GiB")
 
     info = machine()
     info["malloc"] = (
