@@ -68,11 +68,43 @@ def lstm_cell(
         c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)
         h' = σ(o) ⊙ tanh(c')
     """
-    h, c = state
+    state, out, _ = _lstm_cell_saving_gates(state, x_proj, h_proj)
+    return state, out
+
+
+def _lstm_cell_saving_gates(
+    state: LayerState, x_proj: jax.Array, h_proj: jax.Array
+) -> tuple[LayerState, jax.Array, tuple[jax.Array, ...]]:
+    """`lstm_cell`, and its activated gates σ(i), σ(f), tanh(g), σ(o) for `_lstm_cell_gradient`:
+    four arrays, because XLA on CPU reads a gate's columns out of one saved (time, batch,
+    4·hidden) array several times slower than a whole array."""
     i, f, g, o = jnp.split(_lstm_activations(x_proj + h_proj), 4, axis=-1)
-    c = f * c + i * g
+    c = f * state[1] + i * g
     h = o * jnp.tanh(c)
-    return (h, c), h
+    return (h, c), h, (i, f, g, o)
+
+
+def _lstm_cell_gradient(state, gates, d_state, d_out):
+    """The cotangents of `lstm_cell`'s input state (less the path through h̃) and of its
+    pre-activations x̃ + h̃, from the activated gates the forward pass saved. Autodiff would
+    recompute the gates' activations, a tanh over four times the hidden size, in every step;
+    here the derivatives are σ' = σ(1 − σ) and tanh' = 1 − tanh² of the saved values."""
+    c_prev = state[1]
+    i, f, g, o = gates
+    tanh_c = jnp.tanh(f * c_prev + i * g)
+    d_h = d_state[0] + d_out
+    d_c = d_state[1] + d_h * o * (1.0 - tanh_c * tanh_c)
+    d_gates = jnp.concatenate(
+        [
+            d_c * g * i * (1.0 - i),
+            d_c * c_prev * f * (1.0 - f),
+            d_c * i * (1.0 - g * g),
+            d_h * tanh_c * o * (1.0 - o),
+        ],
+        axis=-1,
+    )
+    # h enters the next step only through h̃, whose cotangent the caller adds: none here.
+    return (jnp.zeros_like(d_h), d_c * f), d_gates, d_gates
 
 
 def _lstm_activations(gates: jax.Array) -> jax.Array:
@@ -226,15 +258,17 @@ def _rounded(w: jax.Array, dtype: Any) -> jax.Array:
 
 def _scan(cell, dtype, w_h, x_bias, h_bias, x_proj, state, keep_residuals: bool):
     """The recurrence over time-major x_proj (time, batch, gates·hidden). With `keep_residuals`
-    it also returns, per time step, the state before the step and h̃ = h W_h + h_bias."""
+    it also returns, per time step, the state before the step and what `_cell_saving` saves."""
     w_h = _rounded(w_h, dtype)
 
     def step(carry: LayerState, x_t: jax.Array):
         h_proj = matmul(carry[0], w_h, dtype)
         if h_bias is not None:
             h_proj = h_proj + h_bias
-        new_carry, out = cell(carry, x_t + x_bias, h_proj)
-        return new_carry, ((out, carry, h_proj) if keep_residuals else out)
+        if not keep_residuals:
+            return cell(carry, x_t + x_bias, h_proj)
+        new_carry, out, saved = _cell_saving(cell)(carry, x_t + x_bias, h_proj)
+        return new_carry, (out, carry, saved)
 
     # One step (sampling) as straight-line code: a one-trip loop still costs a loop per layer.
     # Training's forward runs two steps per trip: on CPU that trains S 7–12% faster and leaves M
@@ -263,30 +297,52 @@ def recurrence(
     return _scan(cell, dtype, w_h, x_bias, h_bias, x_proj, state, keep_residuals=False)
 
 
+def _cell_saving(cell: Cell):
+    """`cell` that also returns what its gradient in `_cell_gradient` needs: h̃ in general, the
+    activated gates for the LSTM."""
+    if cell is lstm_cell:
+        return _lstm_cell_saving_gates
+
+    def saving_h_proj(state, x_proj, h_proj):
+        return *cell(state, x_proj, h_proj), h_proj
+
+    return saving_h_proj
+
+
+def _cell_gradient(cell: Cell, state, x_proj, saved, d_state, d_out):
+    """The cotangents of the cell's input state (less the path through h̃), x̃ and h̃, from the
+    state before the step, x̃ and what `_cell_saving` saved; by autodiff unless hand-written."""
+    if cell is lstm_cell:
+        return _lstm_cell_gradient(state, saved, d_state, d_out)
+    _, cell_vjp = jax.vjp(cell, state, x_proj, saved)
+    return cell_vjp((d_state, d_out))
+
+
 def _recurrence_fwd(cell, dtype, w_h, x_bias, h_bias, x_proj, state):
-    final, (outputs, previous, h_proj) = _scan(
+    final, (outputs, previous, saved) = _scan(
         cell, dtype, w_h, x_bias, h_bias, x_proj, state, keep_residuals=True
     )
-    return (final, outputs), (w_h, x_bias, h_bias, x_proj, previous, h_proj)
+    return (final, outputs), (w_h, x_bias, h_bias, x_proj, previous, saved)
 
 
 def _recurrence_bwd(cell, dtype, residuals, cotangents):
-    w_h, x_bias, h_bias, x_proj, previous, h_proj = residuals
+    w_h, x_bias, h_bias, x_proj, previous, saved = residuals
     d_final, d_outputs = cotangents
     # Transposed (and rounded) once here: a transposed operand makes the per-step matmul slower.
     w_h_t = _rounded(_transposed(w_h), dtype)
 
     def step(d_state: LayerState, per_step):
-        state_t, x_t, h_proj_t, d_out_t = per_step
-        _, cell_vjp = jax.vjp(cell, state_t, x_t + x_bias, h_proj_t)
-        d_state_t, d_x_t, d_h_proj_t = cell_vjp((d_state, d_out_t))
+        state_t, x_t, saved_t, d_out_t = per_step
+        d_state_t, d_x_t, d_h_proj_t = _cell_gradient(
+            cell, state_t, x_t + x_bias, saved_t, d_state, d_out_t
+        )
         d_h = d_state_t[0] + _dot(d_h_proj_t, w_h_t, dtype)
         # Where x̃ and h̃ are only summed (LSTM, Elman) their cotangents are one array: keep one.
         outputs = (d_x_t,) if d_x_t is d_h_proj_t else (d_x_t, d_h_proj_t)
         return (d_h, *d_state_t[1:]), outputs
 
     d_initial, outputs = jax.lax.scan(
-        step, d_final, (previous, x_proj, h_proj, d_outputs), reverse=True
+        step, d_final, (previous, x_proj, saved, d_outputs), reverse=True
     )
     d_x_proj, d_h_proj = outputs[0], outputs[-1]
     d_w_h = _weight_gradient(previous[0], d_h_proj, dtype).astype(w_h.dtype)
