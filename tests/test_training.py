@@ -11,14 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY
 
 import charlm
 from charlm import checkpoint as ckpt
+from charlm import model
 from charlm.errors import CharlmError
-from charlm.training import TrainConfig, TrainingDiverged, learning_rate
+from charlm.training import TrainConfig, TrainingDiverged, learning_rate, sequence_loss
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -175,6 +178,32 @@ def test_unwritable_run_directory_is_one_line(corpus_file: Path):
     assert result.exit_code == 1
     assert result.stderr.startswith("charlm: error: ") and "/proc/charlm-run" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("steps", [3, 13])
+def test_sequence_loss_in_time_chunks_equals_the_whole_window(steps: int):
+    """`sequence_loss` runs the window in chunks of time; its loss, state and gradients are
+    those of the whole window run at once, for windows shorter than the number of chunks and
+    for windows that do not split evenly."""
+    config = model.ModelConfig(vocab_size=11, hidden_size=8, embed_size=4)
+    params = model.init(jax.random.key(0), config)
+    tokens = np.random.default_rng(0).integers(0, 11, (3, steps + 1)).astype(np.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    carry = jax.tree.map(lambda s: s + 0.1, model.initial_state(config, 3))
+
+    def whole(params):
+        x, state = model.features(params, jnp.asarray(inputs.T), carry, config)
+        head = params["head"]
+        return model.head_loss(x, head["w"], head["b"], jnp.asarray(targets.T), None), state
+
+    def chunked(params):
+        return sequence_loss(params, inputs, targets, carry, config)
+
+    (loss, state), grads = jax.value_and_grad(chunked, has_aux=True)(params)
+    (whole_loss, whole_state), whole_grads = jax.value_and_grad(whole, has_aux=True)(params)
+    np.testing.assert_allclose(loss, whole_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((state, grads)), jax.tree.leaves((whole_state, whole_grads))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
