@@ -157,8 +157,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 # A training window runs through the model in this many chunks of time. The chunks are
 # independent programs to XLA, so one chunk's large matmuls (the next layer's input projection,
 # the weight gradients) run on one core while the recurrence of the next chunk runs on the other:
-# on 2 cores, S trained 5–13% faster with 5 chunks of 20 steps than whole, M the same. More
-# chunks compile longer (1.0 s whole, 1.6 s in 5 chunks, for S).
+# on 2 cores, S's gradient took 5–13% less time in 5 chunks of 20 steps than whole, M's the
+# same. More chunks compile longer (1.0 s whole, 1.6 s in 5 chunks, for S).
 TIME_CHUNKS = 5
 
 
