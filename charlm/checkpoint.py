@@ -3,8 +3,13 @@
 A checkpoint is one safetensors file (https://github.com/huggingface/safetensors): a JSON header
 and raw little-endian arrays, so loading it never executes code and it reads the same on any
 machine. The header's metadata holds the format version and a JSON document with the model
-config, vocabulary, step, training config and corpus provenance. Arrays are named
-`group/path/in/pytree`, for example `params/layers/0/w_h` or `opt_state/1/0/mu/embed`.
+config, vocabulary, step, training config and corpus provenance, whose every field `load`
+checks (`charlm.checkpoint_meta`). Arrays are named `group/path/in/pytree`, for example
+`params/layers/0/w_h` or `opt_state/1/0/mu/embed`.
+
+A file of an older format version is upgraded as it is read (`UPGRADES`): version 2 records the
+regularisation options, which version 1 did not have, and `V1_BEHAVIOUR` gives the values that
+behave as version 1 did.
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the old
 file: a crash at any moment leaves either the old checkpoint or the new one, never a torn file.
@@ -12,10 +17,12 @@ file: a crash at any moment leaves either the old checkpoint or the new one, nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +31,39 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from charlm import model
+from charlm import checkpoint_meta, model
 from charlm.corpus import Vocabulary
 from charlm.errors import CharlmError
 from charlm.files import write_atomic  # part of this module's interface: ckpt.write_atomic
 
 FORMAT = "charlm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATEST = "latest.ckpt"
 BEST = "best.ckpt"
 METRICS = "metrics.jsonl"
 LAST_RUN_FILE = ".charlm-last-run"
+
+# For each config field that a version-1 checkpoint may lack, the value that trains and runs
+# the model as version 1 did. A field added to ModelConfig or TrainConfig needs its entry here:
+# without one, version-1 checkpoints fail to load with an error naming the field. (`precision`
+# came during version 1; the checkpoints written before it are float32.)
+V1_BEHAVIOUR: dict[str, dict[str, Any]] = {
+    "model": {
+        "precision": "float32",
+        "input_dropout": 0.0,
+        "embed_dropout": 0.0,
+        "weight_drop": 0.0,
+        "tie_embeddings": False,
+    },
+    "train": {
+        "precision": "float32",
+        "input_dropout": 0.0,
+        "embed_dropout": 0.0,
+        "weight_drop": 0.0,
+        "tie_embeddings": False,
+        "beta2": 0.999,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -86,7 +115,8 @@ def encode(meta: Mapping[str, Any], trees: Mapping[str, Any]) -> bytes:
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
-    """Read and check a checkpoint file; raises CharlmError if it is missing, damaged or foreign."""
+    """Read and check a checkpoint file, upgraded to the current format version; raises
+    CharlmError if it is missing, damaged or foreign, or a field of its metadata is wrong."""
     path = Path(path)
     if not path.is_file():
         raise CharlmError(f"no checkpoint at {path}")
@@ -101,17 +131,65 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise damaged from None
     if metadata.get("format") != FORMAT:
         raise CharlmError(f"{path} is a safetensors file but not a charlm checkpoint")
-    version = int(metadata.get("format_version", 0))
-    if version > FORMAT_VERSION:
-        raise CharlmError(
-            f"{path} has checkpoint format {version}, newer than this charlm reads "
-            f"({FORMAT_VERSION}); upgrade charlm"
-        )
+    version = _format_version(metadata, str(path))
+    if "meta" not in metadata:
+        raise checkpoint_meta.field_error(str(path), "meta", "is missing")
     try:
         meta = json.loads(metadata["meta"])
-    except (KeyError, ValueError):
-        raise damaged from None
+    except ValueError:
+        raise checkpoint_meta.field_error(str(path), "meta", "is not JSON") from None
+    for old in range(version, FORMAT_VERSION):
+        meta = UPGRADES[old](meta, str(path))
+    checkpoint_meta.validate(meta, str(path))
     return Checkpoint(path, meta, arrays)
+
+
+def _format_version(metadata: Mapping[str, str], source: str) -> int:
+    """The format version that a checkpoint's header states: from 1 to FORMAT_VERSION."""
+    if "format_version" not in metadata:
+        raise checkpoint_meta.field_error(source, "format_version", "is missing")
+    text = metadata["format_version"]
+    if not re.fullmatch(r"[1-9][0-9]{0,8}", text):
+        raise checkpoint_meta.field_error(
+            source, "format_version", f"must be a positive whole number, got {json.dumps(text)}"
+        )
+    if int(text) > FORMAT_VERSION:
+        raise checkpoint_meta.field_error(
+            source,
+            "format_version",
+            f"is {text}, newer than this charlm reads ({FORMAT_VERSION}); upgrade charlm",
+        )
+    return int(text)
+
+
+def upgrade_v1(meta: Any, source: str) -> Any:
+    """The version-2 document of the version-1 metadata `meta` (of the file `source`): each
+    config field that the config classes have and `meta` lacks, filled from V1_BEHAVIOUR.
+    A field that neither gives raises CharlmError naming it; other faults are left to
+    `checkpoint_meta.validate`."""
+    if not isinstance(meta, dict):
+        return meta
+    upgraded = dict(meta)
+    for section, cls in checkpoint_meta.config_classes().items():
+        config = meta.get(section)
+        if not isinstance(config, dict):
+            continue
+        upgraded[section] = filled = dict(config)
+        for field in dataclasses.fields(cls):
+            if field.name in filled:
+                continue
+            if field.name not in V1_BEHAVIOUR[section]:
+                raise checkpoint_meta.field_error(
+                    source,
+                    f"{section}.{field.name}",
+                    "is missing, and charlm.checkpoint.V1_BEHAVIOUR has no version-1 value for it",
+                )
+            filled[field.name] = V1_BEHAVIOUR[section][field.name]
+    return upgraded
+
+
+# The upgrade from each older format version to the next.
+UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1}
 
 
 def load_model(checkpoint: Checkpoint) -> tuple[model.Params, model.ModelConfig, Vocabulary]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_checkpoint_meta import run_meta
 
 from charlm import checkpoint as ckpt
 from charlm.errors import CharlmError
@@ -28,9 +30,10 @@ def _trees(scale: float) -> dict:
 
 def test_round_trip_keeps_values_shapes_and_meta(tmp_path: Path):
     path = tmp_path / "a.ckpt"
-    ckpt.write_atomic(path, ckpt.encode({"step": 3, "vocab": "出战ab"}, _trees(1.5)))
+    meta = run_meta(vocab="ab出战")
+    ckpt.write_atomic(path, ckpt.encode(meta, _trees(1.5)))
     loaded = ckpt.load(path)
-    assert loaded.meta == {"step": 3, "vocab": "出战ab"}
+    assert loaded.meta == meta
     template = _trees(0.0)
     params = loaded.tree("params", template["params"])
     np.testing.assert_array_equal(params["layers"][0]["w"], np.full((3, 4), 1.5))
@@ -50,7 +53,7 @@ def test_file_is_safetensors_not_pickle(tmp_path: Path):
 
 def test_missing_array_or_wrong_shape_is_reported(tmp_path: Path):
     path = tmp_path / "a.ckpt"
-    ckpt.write_atomic(path, ckpt.encode({}, {"params": {"w": np.zeros((2, 2))}}))
+    ckpt.write_atomic(path, ckpt.encode(run_meta(), {"params": {"w": np.zeros((2, 2))}}))
     loaded = ckpt.load(path)
     with pytest.raises(CharlmError, match="lacks the array params/v"):
         loaded.tree("params", {"v": np.zeros(2)})
@@ -77,14 +80,14 @@ def test_damaged_or_foreign_file_gives_one_line(tmp_path: Path, damage: str):
 
 def test_failed_write_leaves_previous_file_and_no_temporary(tmp_path: Path, monkeypatch):
     path = tmp_path / "latest.ckpt"
-    ckpt.write_atomic(path, ckpt.encode({"step": 1}, _trees(1.0)))
+    ckpt.write_atomic(path, ckpt.encode(dict(run_meta(), step=1), _trees(1.0)))
 
     def crash(fd):
         raise OSError("disk pulled out mid-write")
 
     monkeypatch.setattr(ckpt.os, "fsync", crash)
     with pytest.raises(OSError):
-        ckpt.write_atomic(path, ckpt.encode({"step": 2}, _trees(2.0)))
+        ckpt.write_atomic(path, ckpt.encode(dict(run_meta(), step=2), _trees(2.0)))
     assert ckpt.load(path).meta["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.ckpt"]
 
@@ -95,9 +98,14 @@ def test_process_killed_while_writing_leaves_a_whole_checkpoint(tmp_path: Path):
     path = tmp_path / "latest.ckpt"
     writer = textwrap.dedent(
         f"""
+        import json
         import numpy as np
         from charlm import checkpoint as ckpt
-        blobs = [ckpt.encode({{"step": s}}, {{"w": np.full(4_000_000, s, np.float32)}}) for s in (1, 2)]
+        meta = json.loads({json.dumps(run_meta())!r})
+        blobs = [
+            ckpt.encode(dict(meta, step=s), {{"w": np.full(4_000_000, s, np.float32)}})
+            for s in (1, 2)
+        ]
         ckpt.write_atomic({str(path)!r}, blobs[0])
         print("ready", flush=True)
         n = 0
