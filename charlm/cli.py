@@ -290,6 +290,27 @@ def sample(checkpoint: str | None, num_samples: int, **options: Any) -> None:
     show_default=True,
     help="Characters per compiled call (memory only; the result does not depend on it).",
 )
+@click.option(
+    "--dynamic",
+    is_flag=True,
+    help="Also score by dynamic evaluation: after scoring each segment, take a gradient step "
+    "on it (Krause et al. 2018).",
+)
+@click.option(
+    "--dynamic-lr",
+    type=float,
+    help="Dynamic evaluation's step size η. [default: 0.05]",
+)
+@click.option(
+    "--dynamic-decay",
+    type=float,
+    help="Dynamic evaluation's decay λ toward the trained weights, per segment. [default: 0]",
+)
+@click.option(
+    "--segment-len",
+    type=int,
+    help="Characters per dynamic-evaluation segment (one step each). [default: 50]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_user_errors
 def perplexity(
@@ -297,24 +318,45 @@ def perplexity(
     checkpoint: str | None,
     encoding: str | None,
     chunk_size: int,
+    dynamic: bool,
+    dynamic_lr: float | None,
+    dynamic_decay: float | None,
+    segment_len: int | None,
     as_json: bool,
 ) -> None:
     """Score a model on TEXT_FILE, or on its training run's held-out split.
 
     Prints the characters evaluated, nats and bits per character, and perplexity. Characters
-    outside the model's vocabulary are removed from the text before scoring, and counted.
+    outside the model's vocabulary are removed from the text before scoring, and counted. With
+    --dynamic it prints the dynamic-evaluation score and the static one beside it.
     """
+    from charlm.dynamic import DynamicEvaluation
     from charlm.evaluation import perplexity as score
 
-    result = score(checkpoint, text_file, encoding=encoding, chunk_size=chunk_size)
+    options = {"lr": dynamic_lr, "decay": dynamic_decay, "segment_len": segment_len}
+    given = {name: value for name, value in options.items() if value is not None}
+    if given and not dynamic:
+        raise CharlmError("--dynamic-lr, --dynamic-decay and --segment-len need --dynamic")
+    settings = DynamicEvaluation(**given) if dynamic else None
+    result = score(
+        checkpoint, text_file, encoding=encoding, chunk_size=chunk_size, dynamic=settings
+    )
     if as_json:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return
     click.echo(f"text:            {result.source}")
     click.echo(f"characters:      {result.characters:,}")
-    click.echo(f"nats/char:       {result.nats_per_char:.4f}")
-    click.echo(f"bits/char:       {result.bits_per_char:.4f}")
-    click.echo(f"perplexity:      {result.perplexity:.3f}")
+    if result.dynamic is None:
+        click.echo(f"nats/char:       {result.nats_per_char:.4f}")
+        click.echo(f"bits/char:       {result.bits_per_char:.4f}")
+        click.echo(f"perplexity:      {result.perplexity:.3f}")
+    else:
+        adapted = result.dynamic
+        click.echo(f"{'':17}{'dynamic':12}static")
+        click.echo(f"nats/char:       {adapted.nats_per_char:<12.4f}{result.nats_per_char:.4f}")
+        click.echo(f"bits/char:       {adapted.bits_per_char:<12.4f}{result.bits_per_char:.4f}")
+        click.echo(f"perplexity:      {adapted.perplexity:<12.3f}{result.perplexity:.3f}")
+        click.echo(adapted.settings.describe())
     if result.unknown:
         listed = ", ".join(
             f"{ch!r}×{n}" for ch, n in sorted(result.unknown.items(), key=lambda x: -x[1])[:10]

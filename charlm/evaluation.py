@@ -23,6 +23,7 @@ import optax
 from charlm import checkpoint as ckpt
 from charlm import model
 from charlm.corpus import read_text, sha256_file
+from charlm.dynamic import DynamicEvaluation, DynamicScore, dynamic_nats
 from charlm.errors import CharlmError
 
 DEFAULT_CHUNK = 1024
@@ -73,12 +74,14 @@ def total_nats(
 
 @dataclass(frozen=True)
 class Perplexity:
-    """The score of a model on a text."""
+    """The score of a model on a text: the static score (the trained weights, fixed), and the
+    dynamic-evaluation score when one was asked for (`charlm.dynamic`)."""
 
     source: str
     characters: int
     nats_per_char: float
     unknown: dict[str, int]
+    dynamic: DynamicScore | None = None
 
     @property
     def bits_per_char(self) -> float:
@@ -89,7 +92,8 @@ class Perplexity:
         return math.exp(self.nats_per_char)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The static score's fields, and under "dynamic" the dynamic score's if there is one."""
+        result = {
             "source": self.source,
             "characters": self.characters,
             "nats_per_char": self.nats_per_char,
@@ -98,6 +102,9 @@ class Perplexity:
             "unknown_characters": sum(self.unknown.values()),
             "unknown": self.unknown,
         }
+        if self.dynamic is not None:
+            result["dynamic"] = self.dynamic.to_dict()
+        return result
 
 
 def perplexity(
@@ -106,10 +113,13 @@ def perplexity(
     *,
     encoding: str | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    dynamic: DynamicEvaluation | None = None,
 ) -> Perplexity:
     """Score a checkpoint on `text_file`, or on its own held-out split when that is None.
 
     `checkpoint` is a file, a run directory, or None for the working directory's latest run.
+    With `dynamic` settings the text is also scored by dynamic evaluation (`charlm.dynamic`),
+    the weights adapting as it is read; the static score is computed all the same.
     """
     loaded = ckpt.load(ckpt.resolve(checkpoint))
     params, config, vocab = ckpt.load_model(loaded)
@@ -136,4 +146,8 @@ def perplexity(
     if len(tokens) < 2:
         raise CharlmError(f"{source} has fewer than 2 known characters; nothing to evaluate")
     nats, count = total_nats(params, config, tokens, chunk_size)
-    return Perplexity(source, count, nats / count, unknown)
+    adapted = None
+    if dynamic is not None:
+        dynamic_total, _ = dynamic_nats(params, config, tokens, dynamic, chunk_size)
+        adapted = DynamicScore(dynamic_total / count, dynamic)
+    return Perplexity(source, count, nats / count, unknown, adapted)

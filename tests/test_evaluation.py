@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,12 +13,15 @@ import numpy as np
 import optax
 import pytest
 from conftest import TINY
+from test_cli import assert_one_line_error, run
 
 import charlm
 from charlm import checkpoint as ckpt
 from charlm import model
+from charlm.cli import main
+from charlm.dynamic import DEFAULT_DECAY, DEFAULT_LR, DEFAULT_SEGMENT_LEN, DynamicEvaluation
 from charlm.errors import CharlmError
-from charlm.evaluation import total_nats
+from charlm.evaluation import Perplexity, total_nats
 
 
 def test_result_does_not_depend_on_chunk_size(trained_run: Path):
@@ -97,3 +101,94 @@ def test_empty_text_has_nothing_to_evaluate(trained_run: Path, tmp_path: Path):
     assert total_nats(
         *ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))[:2], np.array([1])
     ) == (0.0, 0)
+
+
+# Trained on 12 words in random order (conftest.mixed_text); here 4 of them in a fixed order.
+SHIFTED = "曹操 rides at dawn。\n" * 100
+
+
+@pytest.fixture
+def shifted(tmp_path: Path) -> Path:
+    path = tmp_path / "shifted.txt"
+    path.write_text(SHIFTED, encoding="utf-8")
+    return path
+
+
+def dynamic_score(run: Path, text: Path, chunk_size: int = 1024, **settings) -> Perplexity:
+    return charlm.perplexity(
+        run, text, chunk_size=chunk_size, dynamic=DynamicEvaluation(**settings)
+    )
+
+
+def test_dynamic_evaluation_adapts_to_a_shifted_text(trained_run: Path, shifted: Path):
+    """Adapting the weights to what has been read learns the new pattern: the tiny model's
+    score drops by far more than a 30% margin (3.17 to 1.67 nats/char when written)."""
+    result = dynamic_score(trained_run, shifted, lr=1.0, segment_len=10)
+    assert result.dynamic is not None
+    assert result.dynamic.nats_per_char < 0.7 * result.nats_per_char
+    assert result.nats_per_char == charlm.perplexity(trained_run, shifted).nats_per_char
+
+
+def test_dynamic_evaluation_is_deterministic(trained_run: Path, shifted: Path):
+    first = dynamic_score(trained_run, shifted, lr=0.3, decay=0.01, segment_len=10)
+    second = dynamic_score(trained_run, shifted, lr=0.3, decay=0.01, segment_len=10)
+    assert first == second
+
+
+def test_dynamic_evaluation_with_lr_0_is_the_static_score(trained_run: Path, shifted: Path):
+    """With η = 0 the weights never move, whatever λ: only the cutting into calls differs
+    (segments of 10, 102 to a call, against static evaluation's 1,024 characters a call)."""
+    result = dynamic_score(trained_run, shifted, lr=0.0, decay=0.5, segment_len=10)
+    assert result.dynamic is not None
+    assert result.dynamic.nats_per_char == pytest.approx(result.nats_per_char, rel=1e-5)
+
+
+def test_dynamic_evaluation_does_not_depend_on_chunk_size(trained_run: Path, shifted: Path):
+    """A compiled call scans chunk_size // segment_len segments, at least one: here 1 or all."""
+    one = dynamic_score(trained_run, shifted, 3, lr=0.5, segment_len=10).dynamic
+    every = dynamic_score(trained_run, shifted, 4096, lr=0.5, segment_len=10).dynamic
+    assert one is not None and every is not None
+    assert one.nats_per_char == pytest.approx(every.nats_per_char, rel=1e-5)
+
+
+def test_dynamic_evaluation_through_the_cli(trained_run: Path, shifted: Path):
+    args = ["perplexity", str(shifted), "-c", str(trained_run), "--dynamic"]
+    args += ["--dynamic-lr", "1", "--segment-len", "10"]
+    as_json = json.loads(run(*args, "--json").stdout)
+    dynamic = as_json["dynamic"]
+    assert (dynamic["lr"], dynamic["decay"], dynamic["segment_len"]) == (1.0, 0.0, 10)
+    assert dynamic["nats_per_char"] < 0.7 * as_json["nats_per_char"]
+    assert dynamic["perplexity"] == pytest.approx(math.exp(dynamic["nats_per_char"]))
+    text = run(*args).stdout
+    assert "dynamic evaluation (η=1, λ=0, segments of 10)" in text
+    nats = f"nats/char:       {dynamic['nats_per_char']:<12.4f}{as_json['nats_per_char']:.4f}"
+    assert nats in text
+    static = run("perplexity", str(shifted), "-c", str(trained_run), "--json").stdout
+    assert "dynamic" not in json.loads(static)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dynamic", "--dynamic-lr", "-0.1"], "--dynamic-lr must be a number ≥ 0"),
+        (["--dynamic", "--dynamic-lr", "nan"], "--dynamic-lr must be a number ≥ 0"),
+        (["--dynamic", "--dynamic-decay", "1.5"], "--dynamic-decay must be between 0 and 1"),
+        (["--dynamic", "--segment-len", "0"], "--segment-len must be at least 1"),
+        (["--segment-len", "20"], "need --dynamic"),
+    ],
+)
+def test_bad_dynamic_options_are_one_line_errors(
+    trained_run: Path, options: list[str], message: str
+):
+    assert_one_line_error(run("perplexity", "-c", str(trained_run), *options), message)
+
+
+def test_dynamic_defaults_in_the_help_are_the_real_ones():
+    """The CLI states the defaults in its help without importing JAX: they must be these."""
+    defaults = {"dynamic_lr": DEFAULT_LR, "dynamic_decay": DEFAULT_DECAY}
+    defaults["segment_len"] = DEFAULT_SEGMENT_LEN
+    for param in main.commands["perplexity"].params:
+        if param.name in defaults:
+            stated = re.search(r"\[default: ([^\]]+)\]", getattr(param, "help", "") or "")
+            assert stated is not None and float(stated.group(1)) == defaults.pop(param.name)
+    assert not defaults
