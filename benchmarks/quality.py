@@ -4,6 +4,7 @@
     python benchmarks/quality.py            # both corpora, about 30 minutes; RESULTS-quality.md
     python benchmarks/quality.py --corpus tinyshakespeare --budget 60
     python benchmarks/quality.py --quick    # 20 s budgets; writes RESULTS-quality-quick.md
+    python benchmarks/quality.py --keep runs/quality   # keep charlm's runs to sample from
 
 For each corpus, one after the other on the same machine: the reference, a decoder-only GPT
 (Radford et al. 2018, 2019; Vaswani et al. 2017) in the shape of nanoGPT's CPU recipe for
@@ -14,7 +15,7 @@ computed from the training split alone frame the numbers: uniform, add-one unigr
 
 The reference's budget counts its training iterations only; its one evaluation, at the end,
 is timed apart. charlm's budget is its own `--time-budget`, which includes compiling and the
-validation passes it makes every 200 steps; its wall time is the `charlm train` process's, as
+validation passes it makes; its wall time is the `charlm train` process's, as
 measured here. The reference runs with glibc's default malloc, as a PyTorch script does, and
 on os.cpu_count() threads: run this on an otherwise idle machine, as PyTorch's threads slow
 several-fold when other processes share the cores (the load average is recorded).
@@ -260,13 +261,19 @@ def baselines(corpus: Corpus, text: str) -> list[Row]:
 
 def run_charlm(corpus: Path, budget: float, work: Path) -> tuple[Row, list[str], dict]:
     """`charlm train` with its defaults for `budget` seconds, then `charlm perplexity` on its
-    best checkpoint; the row, the train command, and the last line of metrics.jsonl."""
+    best checkpoint; the row, the train command, and the last line of metrics.jsonl. The run
+    directory is `work`/run, and the lines the run printed (its progress bar left out) go to
+    `work`/train.log."""
     run_dir = work / "run"
     command = ["train", str(corpus), "--time-budget", f"{budget:g}s", "--run-dir", str(run_dir)]
-    command.append("--quiet")
     start = time.perf_counter()
-    subprocess.run([*CHARLM, *command], cwd=work, check=True)
+    trained = subprocess.run(
+        [*CHARLM, *command], cwd=work, check=True, stderr=subprocess.PIPE, text=True
+    )
     seconds = time.perf_counter() - start
+    printed = trained.stderr.replace("\r", "\n").splitlines()
+    lines = [line for line in printed if line.startswith(("training", "step", "stopped"))]
+    (work / "train.log").write_text("\n".join(lines) + "\n", encoding="utf-8")
     scored = subprocess.run(
         [*CHARLM, "perplexity", "--checkpoint", str(run_dir), "--json"],
         cwd=work,
@@ -327,8 +334,9 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def benchmark(name: str, budget: float) -> list[str]:
-    """Train and score both models on one corpus; its section of the results file."""
+def benchmark(name: str, budget: float, keep: Path | None) -> list[str]:
+    """Train and score both models on one corpus; its section of the results file. charlm's
+    run directory and log are kept in `keep`/NAME when `keep` is given."""
     path = CORPORA_DIR / f"{name}.txt"
     corpus = load_corpus(path)
     text = read_text(path)
@@ -344,7 +352,10 @@ def benchmark(name: str, budget: float) -> list[str]:
     reference = Row("GPT reference", nats, trained.iterations, seen, trained.seconds, parameters)
     print(f"{name}: charlm for {budget:g} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="charlm-quality-") as tmp:
-        ours, command, last = run_charlm(path, budget, Path(tmp))
+        work = Path(tmp) if keep is None else keep / name
+        work.mkdir(parents=True, exist_ok=True)
+        ours, command, last = run_charlm(path, budget, work)
+        tmp = str(work)
     span = max(1, min(50, trained.iterations // 2))
     first, final = np.mean(trained.losses[:span]), np.mean(trained.losses[-span:])
     return [
@@ -377,6 +388,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="seconds of training for each model")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET:g} s budgets")
     parser.add_argument("--output", type=Path, help="the results file to write")
+    parser.add_argument(
+        "--keep", type=Path, help="keep charlm's runs and train logs in KEEP/CORPUS"
+    )
     args = parser.parse_args()
     output = args.output or ROOT / "benchmarks" / (
         "RESULTS-quality-quick.md" if args.quick else "RESULTS-quality.md"
@@ -387,7 +401,7 @@ def main() -> None:
     for name, default in CORPORA.items():
         if args.corpus in (None, name):
             budget = args.budget or (QUICK_BUDGET if args.quick else default)
-            sections += benchmark(name, budget)
+            sections += benchmark(name, budget, args.keep)
     lines = [
         "# Quality in equal wall time: charlm against a small GPT",
         "",

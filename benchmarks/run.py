@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from charlm import model, runtime
+from charlm.config import TrainConfig
 from charlm.evaluation import total_nats
 from charlm.sampling import generate
-from charlm.training import TrainConfig, init_state, make_optimizer, make_train_step
+from charlm.step import init_state, make_optimizer, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"

@@ -2,7 +2,7 @@
 
 The document is the JSON object that `charlm.training` writes with every checkpoint (see
 `charlm.checkpoint`). The rules for its `model` and `train` sections come from the fields of
-`model.ModelConfig` and `training.TrainConfig` and their annotated types, so a field added to
+`model.ModelConfig` and `config.TrainConfig` and their annotated types, so a field added to
 either class is checked with no change here; the other sections are written out in `schema`.
 Every problem is one CharlmError line that names the file and the field, for example
 `runs/x/latest.ckpt: metadata field model.hidden_size must be an integer, got "256"`.
@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 from charlm import model
+from charlm.config import TrainConfig
 from charlm.errors import CharlmError
 
 # A field's rule is one of the types in KINDS, a union of them such as `str | None`, or, for a
@@ -51,9 +52,6 @@ def field_error(source: str, name: str, problem: str) -> CharlmError:
 
 def config_classes() -> dict[str, type]:
     """The dataclass of each config section of the document: model and train."""
-    # charlm.training imports charlm.checkpoint, which imports this module: import it late.
-    from charlm.training import TrainConfig
-
     return {"model": model.ModelConfig, "train": TrainConfig}
 
 

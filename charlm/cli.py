@@ -96,12 +96,33 @@ def main() -> None:
     "--hidden-size", type=click.IntRange(min=1), help="Hidden units per layer. [default: 256]"
 )
 @click.option(
-    "--embed-size", type=click.IntRange(min=1), help="Character embedding size. [default: 64]"
+    "--embed-size", type=click.IntRange(min=1), help="Character embedding size. [default: 256]"
 )
 @click.option(
     "--dropout",
     type=click.FloatRange(0, 1, max_open=True),
-    help="Dropout between layers. [default: 0]",
+    help="Variational dropout on every layer's output, one mask per stream. [default: 0.1]",
+)
+@click.option(
+    "--input-dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Variational dropout on the embedded characters, one mask per stream. [default: 0]",
+)
+@click.option(
+    "--embed-dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Drop whole characters from the embedding, per step. [default: 0.1]",
+)
+@click.option(
+    "--weight-drop",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="DropConnect on the recurrent weights W_h, one mask per step. [default: 0.1]",
+)
+@click.option(
+    "--tie-embeddings/--no-tie-embeddings",
+    default=None,
+    help="Share the embedding with the output layer (with a projection if the sizes differ). "
+    "[default: on]",
 )
 @click.option(
     "--precision",
@@ -110,7 +131,7 @@ def main() -> None:
     "bfloat16 is faster on processors with bfloat16 instructions. [default: float32]",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), help="Parallel streams per step. [default: 32]"
+    "--batch-size", type=click.IntRange(min=1), help="Parallel streams per step. [default: 16]"
 )
 @click.option(
     "--seq-len",
@@ -124,7 +145,7 @@ def main() -> None:
 )
 @click.option("--encoding", help="Text encoding of CORPUS, e.g. gb18030. [default: utf-8]")
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate. [default: 0.002]"
+    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate. [default: 0.008]"
 )
 @click.option(
     "--min-lr",
@@ -143,6 +164,11 @@ def main() -> None:
     "--weight-decay",
     type=click.FloatRange(min=0),
     help="AdamW weight decay on matrices. [default: 0.01]",
+)
+@click.option(
+    "--beta2",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Adam's second-moment decay rate. [default: 0.99]",
 )
 @click.option(
     "--clip-norm",
@@ -172,7 +198,7 @@ def main() -> None:
 @click.option(
     "--eval-every",
     type=click.IntRange(min=1),
-    help="Validate and checkpoint every N steps. [default: 200]",
+    help="Validate and checkpoint every N steps. [default: 500]",
 )
 @click.option(
     "--log-every",

@@ -23,8 +23,8 @@ import charlm
 from charlm import checkpoint as ckpt
 from charlm import model
 from charlm.cli import main
+from charlm.config import TrainConfig
 from charlm.errors import CharlmError
-from charlm.training import TrainConfig
 
 
 def run_meta(vocab: str = "ab出战") -> dict[str, Any]:

@@ -168,7 +168,7 @@ def test_train_help_states_the_real_defaults():
     import re
 
     from charlm.cli import train
-    from charlm.training import TrainConfig
+    from charlm.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     checked = 0
@@ -178,7 +178,9 @@ def test_train_help_states_the_real_defaults():
         stated = re.search(r"\[default: ([^\]]+)\]", param.help or "")
         assert stated, f"--{param.name} states no default"
         value = defaults[param.name]
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            assert stated.group(1) == ("on" if value else "off"), param.name
+        elif isinstance(value, str):
             assert stated.group(1) == value
         else:
             assert float(stated.group(1)) == float(value), param.name

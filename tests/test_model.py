@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charlm import model
+from charlm import model, products, recurrence, regularisation
+from charlm.config import TrainConfig
 from charlm.corpus import BatchStream, Vocabulary
-from charlm.training import (
-    TrainConfig,
+from charlm.loss import head_loss
+from charlm.step import (
     init_state,
     learning_rate,
     make_optimizer,
@@ -74,19 +75,35 @@ def np_rnn(layer, state, x):
 NP_CELLS = {"lstm": np_lstm, "gru": np_gru, "rnn": np_rnn}
 
 
-def np_forward(params, tokens, state, cell):
-    """Embedding lookup, stacked layers stepped over time, linear head; all float64."""
-    step = NP_CELLS[cell]
-    x = params["embed"][tokens]  # (batch, time, embed)
+def np_forward(params, tokens, state, cell, masks=None):
+    """Embedding lookup, stacked layers stepped over time, linear head; all float64. `masks`
+    (NumPy, as `regularisation.dropout_masks` makes them) zero or scale, independently of the
+    model's code: embedding rows, the first layer's input per stream, each W_h, and each
+    layer's output per stream. A tied head (no "w") is the embedding, projected if "proj"."""
+    embed = (
+        params["embed"] if masks is None or masks.embed is None else params["embed"] * masks.embed
+    )
+    x = embed[tokens]  # (batch, time, embed)
+    if masks is not None and masks.inputs is not None:
+        x = x * masks.inputs[:, None, :]
     final = []
-    for layer, layer_state in zip(params["layers"], state):
+    for n, (layer, layer_state) in enumerate(zip(params["layers"], state)):
+        if masks is not None and masks.w_h[n] is not None:
+            layer = {**layer, "w_h": layer["w_h"] * masks.w_h[n]}
         outputs = []
         for t in range(x.shape[1]):
-            layer_state = step(layer, layer_state, x[:, t])
+            layer_state = NP_CELLS[cell](layer, layer_state, x[:, t])
             outputs.append(layer_state[0])  # the layer's output is h
         x = np.stack(outputs, axis=1)
+        if masks is not None and masks.outputs[n] is not None:
+            x = x * masks.outputs[n][:, None, :]
         final.append(layer_state)
-    logits = x @ params["head"]["w"] + params["head"]["b"]
+    head = params["head"]
+    if "w" in head:
+        w = head["w"]
+    else:
+        w = params["embed"].T if "proj" not in head else head["proj"] @ params["embed"].T
+    logits = x @ w + head["b"]
     return logits, tuple(final)
 
 
@@ -299,8 +316,8 @@ def test_hand_written_gradient_matches_autodiff_of_the_scan(cell):
 
     args = (w_h, x_bias, h_bias, x_proj, state)
     argnums = tuple(n for n, a in enumerate(args) if a is not None)
-    fast = jax.jit(jax.grad(partial(loss, model.recurrence), argnums))(*args)
-    plain = jax.jit(jax.grad(partial(loss, model.recurrence.fun), argnums))(*args)
+    fast = jax.jit(jax.grad(partial(loss, recurrence.recurrence), argnums))(*args)
+    plain = jax.jit(jax.grad(partial(loss, recurrence.recurrence.fun), argnums))(*args)
     # w_h, x_bias, x_proj and each state part, and h_bias for the GRU.
     expected = 3 + len(state) + (cell == "gru")
     assert len(jax.tree.leaves(fast)) == len(jax.tree.leaves(plain)) == expected
@@ -318,7 +335,7 @@ def test_matmul_gradient_is_the_products_of_its_rounded_operands(precision):
     x = rng.normal(size=(7, 3, 16)).astype(np.float32)
     w = rng.normal(size=(16, 24)).astype(np.float32)
     d_y = rng.normal(size=(7, 3, 24)).astype(np.float32)
-    y, vjp = jax.vjp(lambda x, w: model.matmul(x, w, dtype), x, w)
+    y, vjp = jax.vjp(lambda x, w: products.matmul(x, w, dtype), x, w)
     d_x, d_w = jax.jit(vjp)(d_y)
 
     def rounded(a):
@@ -336,7 +353,7 @@ def test_head_loss_equals_the_loss_of_whole_logits(precision, monkeypatch):
     """`head_loss` makes the logits a few rows at a time (here 4 of 21, so the last chunk is
     padded) and its gradients in the forward pass: its value and gradients must be those of
     the plain cross-entropy of `matmul`'s logits, and scale with the loss's cotangent."""
-    monkeypatch.setattr(model, "LOSS_CHUNK", 4)
+    monkeypatch.setattr("charlm.loss.LOSS_CHUNK", 4)
     dtype = model.PRECISIONS[precision]
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(7, 3, 16)), jnp.float32)
@@ -345,15 +362,15 @@ def test_head_loss_equals_the_loss_of_whole_logits(precision, monkeypatch):
     targets = jnp.asarray(rng.integers(0, 9, size=(7, 3)), jnp.int32)
 
     def plain(x, w, b):
-        return 3.0 * cross_entropy(model.matmul(x, w, dtype) + b, targets)
+        return 3.0 * cross_entropy(products.matmul(x, w, dtype) + b, targets)
 
     def chunked(x, w, b):
-        return 3.0 * model.head_loss(x, w, b, targets, dtype)
+        return 3.0 * head_loss(x, w, b, targets, dtype)
 
     value, gradients = jax.value_and_grad(chunked, (0, 1, 2))(x, w, b)
     expected_value, expected = jax.value_and_grad(plain, (0, 1, 2))(x, w, b)
     np.testing.assert_allclose(value, expected_value, rtol=1e-6)
-    np.testing.assert_allclose(model.head_loss(x, w, b, targets, dtype), value / 3.0, rtol=1e-6)
+    np.testing.assert_allclose(head_loss(x, w, b, targets, dtype), value / 3.0, rtol=1e-6)
     # In bfloat16 the logits' gradient is rounded before the cotangent scales it here and
     # after it does there: the two agree to within a rounding step of bfloat16 (2⁻⁸ relative),
     # here 2⁻⁷ of the largest entry.
@@ -434,7 +451,7 @@ def test_lstm_forget_bias_is_the_second_gate():
     c = jnp.linspace(-2, 2, BATCH * config.hidden_size).reshape(BATCH, config.hidden_size)
     h = jnp.zeros_like(c)
     x_proj = jnp.broadcast_to(layer["b"], (BATCH, 4 * config.hidden_size))
-    (_, c_new), _ = model.lstm_cell((h, c), x_proj, h @ layer["w_h"])
+    (_, c_new), _ = recurrence.lstm_cell((h, c), x_proj, h @ layer["w_h"])
     np.testing.assert_allclose(c_new, c / (1 + math.exp(-1)), rtol=1e-6)
 
 
@@ -450,74 +467,93 @@ def test_model_config_rejects_bad_values():
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Dropout.
+# 5. Regularisation: dropout masks and the tied head.
+
+REGULARISED = dict(dropout=0.5, input_dropout=0.3, embed_dropout=0.4, weight_drop=0.5)
 
 
-def test_dropout_only_with_a_key_and_only_between_layers():
-    config, params, tokens, state = setup("lstm")
-    dropped = model.ModelConfig(**{**config.to_dict(), "dropout": 0.5})
-    tokens, state = jnp.asarray(tokens), as_f32(state)
-    plain, plain_state = apply(params, tokens, state, config)
-
-    # No key: deterministic and identical to the dropout-free model.
-    no_key, _ = apply(params, tokens, state, dropped)
-    again, _ = apply(params, tokens, state, dropped)
-    np.testing.assert_array_equal(no_key, plain)
-    np.testing.assert_array_equal(again, plain)
-    # A key on a dropout-free config changes nothing either.
-    np.testing.assert_array_equal(apply(params, tokens, state, config, jax.random.key(1))[0], plain)
-
-    # With a key: different from no dropout, reproducible for the same key, other for another.
-    key = jax.random.key(1)
-    out, out_state = apply(params, tokens, state, dropped, key)
-    same, _ = apply(params, tokens, state, dropped, key)
-    other, _ = apply(params, tokens, state, dropped, jax.random.key(2))
-    assert not np.allclose(out, plain, atol=1e-3)
-    np.testing.assert_array_equal(out, same)
-    assert not np.allclose(out, other, atol=1e-3)
-    # Not on the recurrence nor on the embedding: the first layer's state is untouched;
-    # the second layer reads dropped inputs and ends in another state.
-    assert_close(out_state[0], to_f64(plain_state[0]), 0, 0)
-    assert not np.allclose(out_state[1][0], plain_state[1][0], atol=1e-4)
-
-
-def test_dropout_zeroes_elements_and_scales_the_rest_by_one_over_keep():
-    """Inverted dropout, seen through layers made transparent: after a random first layer, two
-    RNN layers with w_x = εI then I, w_h = 0, b = 0, and a head w = I/ε, give logits
-    ≈ the first layer's output x, dropped after layer 0 and again after layer 1 (never after
-    the last). With independent masks each element is 0 or x/keep², and a fraction
-    1 - keep² of them is 0; masks reused across layers would leave only 1 - keep at 0."""
-    eps, rate = 1e-3, 0.5
-    sizes = dict(layers=3, vocab_size=6, hidden_size=6, dropout=rate)
-    config, params, tokens, state = setup("rnn", batch=4, time=20, **sizes)
-    eye = np.eye(6, dtype=np.float32)
-    zero = np.zeros(6, np.float32)
-    params["layers"][1] = {"w_x": eps * eye, "w_h": 0 * eye, "b": zero}
-    params["layers"][2] = {"w_x": eye, "w_h": 0 * eye, "b": zero}
-    params["head"] = {"w": eye / eps, "b": zero}
-    tokens, state = jnp.asarray(tokens), as_f32(state)
-    x = np.asarray(apply(params, tokens, state, config)[0])
-    d = np.asarray(apply(params, tokens, state, config, jax.random.key(3))[0])
-    # Only elements clearly away from 0, so that "dropped" is not a value that was 0 anyway.
-    clear = np.abs(x) > 1e-2
-    assert clear.mean() > 0.9
-    x, d = x[clear], d[clear]
-    keep = 1 - rate
-    dropped = np.abs(d) < 1e-6
-    kept = np.isclose(d, x / keep**2, rtol=1e-4, atol=1e-5)
-    assert np.all(dropped | kept)
-    # About 480 elements, each 0 with probability 1 - keep² = 0.75: the fraction is 0.75 ± 0.02.
-    assert 0.67 < dropped.mean() < 0.83, dropped.mean()
+def test_dropout_masks_are_inverted_locked_and_drawn_from_the_key():
+    """Each mask holds 0 or 1/keep, drops about its rate, has no time axis (locked: one mask
+    per stream for the whole window), and is a function of the key alone; layers get their
+    own masks."""
+    sizes = dict(vocab_size=400, embed_size=30, hidden_size=40, layers=2)
+    config = model.ModelConfig(cell="gru", **sizes, **REGULARISED)
+    masks = regularisation.dropout_masks(jax.random.key(0), config, 50)
+    expected = {
+        "embed": ((400, 1), config.embed_dropout),
+        "inputs": ((50, 30), config.input_dropout),
+        "outputs": ((50, 40), config.dropout),
+        "w_h": ((40, 120), config.weight_drop),
+    }
+    for name, (shape, rate) in expected.items():
+        entries = getattr(masks, name)
+        entries = entries if isinstance(entries, tuple) else (entries,)
+        for mask in entries:
+            mask = np.asarray(mask)
+            assert mask.shape == shape, name
+            keep = 1 - rate
+            assert np.all(np.isclose(mask, 0) | np.isclose(mask, 1 / keep)), name
+            assert abs(np.mean(mask == 0) - rate) < 0.1, (name, np.mean(mask == 0))
+    assert not np.array_equal(masks.outputs[0], masks.outputs[1])
+    assert not np.array_equal(masks.w_h[0], masks.w_h[1])
+    again = regularisation.dropout_masks(jax.random.key(0), config, 50)
+    other = regularisation.dropout_masks(jax.random.key(1), config, 50)
+    for a, b, c in zip(jax.tree.leaves(masks), jax.tree.leaves(again), jax.tree.leaves(other)):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+    plain = model.ModelConfig(cell="gru", **sizes)
+    assert not regularisation.is_regularised(plain)
+    assert jax.tree.leaves(regularisation.dropout_masks(jax.random.key(0), plain, 50)) == []
 
 
-def test_dropout_never_touches_the_last_layers_output():
-    """A one-layer model has no layer output but the last, so a key changes nothing."""
-    config, params, tokens, state = setup("gru", layers=1)
-    dropped = model.ModelConfig(**{**config.to_dict(), "dropout": 0.5})
-    tokens, state = jnp.asarray(tokens), as_f32(state)
-    plain, _ = apply(params, tokens, state, config)
-    keyed, _ = apply(params, tokens, state, dropped, jax.random.key(0))
-    np.testing.assert_array_equal(keyed, plain)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "rates", [REGULARISED, dict(embed_dropout=0.4, weight_drop=0.5)], ids=["all", "no-input"]
+)
+def test_masked_forward_matches_numpy_reference(cell, rates):
+    """Each mask lands where it should (embedding rows, the first layer's input per stream,
+    W_h, every layer's output per stream, the same at every time step), against the NumPy
+    reference; without input dropout the embedding table is projected whole, as untrained."""
+    config, params, tokens, state = setup(cell, **rates)
+    masks = regularisation.dropout_masks(jax.random.key(4), config, BATCH)
+    expected_logits, expected_state = np_forward(to_f64(params), tokens, state, cell, to_f64(masks))
+    logits, new_state = apply(params, jnp.asarray(tokens), as_f32(state), config, masks)
+    assert_close(logits, expected_logits)
+    assert_close(new_state, expected_state)
+    plain, _ = apply(params, jnp.asarray(tokens), as_f32(state), config)
+    assert not np.allclose(logits, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("embed_size", [6, 5], ids=["same-size", "projected"])
+def test_tied_head_is_the_embedding(embed_size):
+    """A tied head's weight is the embedding, transposed, after a projection when the hidden
+    size (6) differs; the head's gradient reaches rows of characters that were never read."""
+    config, params, tokens, state = setup("lstm", embed_size=embed_size, tie_embeddings=True)
+    assert "w" not in params["head"]
+    assert ("proj" in params["head"]) == (embed_size != config.hidden_size)
+    expected_logits, expected_state = np_forward(to_f64(params), tokens, state, "lstm")
+    logits, new_state = apply(params, jnp.asarray(tokens), as_f32(state), config)
+    assert_close(logits, expected_logits)
+    assert_close(new_state, expected_state)
+
+    tokens = np.zeros_like(tokens)  # only character 0 is read; all are predicted
+    targets = np.arange(tokens.size).reshape(tokens.shape) % config.vocab_size
+
+    def loss(p):
+        return cross_entropy(model.apply(p, tokens, as_f32(state), config)[0], targets)
+
+    d_embed = np.asarray(jax.jit(jax.grad(loss))(params)["embed"])
+    assert np.all(np.abs(d_embed[1:]).sum(axis=1) > 0)
+
+
+def test_tied_embedding_starts_small():
+    """Tied, the embedding is N(0, 1/embed), so the first logits are near 0 as an untied
+    head's are; untied it is N(0, 1)."""
+    sizes = dict(vocab_size=500, embed_size=64, hidden_size=64)
+    tied = model.init(jax.random.key(0), model.ModelConfig(tie_embeddings=True, **sizes))
+    untied = model.init(jax.random.key(0), model.ModelConfig(**sizes))
+    assert np.std(tied["embed"]) == pytest.approx(64**-0.5, rel=0.05)
+    assert np.std(untied["embed"]) == pytest.approx(1.0, rel=0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""The options of a training run (`TrainConfig`), and which of them a resumed run may change."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from charlm import model
+from charlm.errors import CharlmError
+
+DEFAULT_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    `steps` is the run's total (a resumed run continues up to it); `epochs` sets it instead
+    when `steps` is None, and 10 epochs is the default. A run with only a `time_budget`
+    (seconds) trains until the time is up. `decay_steps`, where the cosine decay ends, defaults
+    to the total, or for a run limited only by time, to the steps its speed allows.
+    """
+
+    cell: str = "lstm"
+    layers: int = 2
+    hidden_size: int = 256
+    embed_size: int = 256
+    dropout: float = 0.1
+    input_dropout: float = 0.0
+    embed_dropout: float = 0.1
+    weight_drop: float = 0.1
+    tie_embeddings: bool = True
+    precision: str = "float32"
+    batch_size: int = 16
+    seq_len: int = 100
+    val_fraction: float = 0.1
+    encoding: str | None = None
+    lr: float = 8e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.01
+    beta2: float = 0.99
+    clip_norm: float = 5.0
+    seed: int = 0
+    steps: int | None = None
+    epochs: float | None = None
+    time_budget: float | None = None
+    eval_every: int = 500
+    log_every: int = 10
+
+    def validate(self) -> None:
+        positive = ["layers", "hidden_size", "embed_size", "batch_size", "seq_len"]
+        positive += ["eval_every", "log_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CharlmError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "decay_steps", "epochs", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise CharlmError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr <= 0 or self.min_lr < 0 or self.clip_norm <= 0 or self.warmup_steps < 0:
+            raise CharlmError(
+                "--lr and --clip-norm must be positive, --min-lr and --warmup-steps not negative"
+            )
+        if not 0 <= self.seed < 2**63:
+            raise CharlmError("--seed must be in [0, 2**63)")
+        for name in model.DROPOUTS:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise CharlmError(
+                    f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}"
+                )
+        if not 0.0 < self.beta2 < 1.0:
+            raise CharlmError(f"--beta2 must be in (0, 1), got {self.beta2}")
+        if self.cell not in model.CELLS:
+            raise CharlmError(f"--cell must be one of {', '.join(model.CELLS)}")
+        if self.precision not in model.PRECISIONS:
+            raise CharlmError(f"--precision must be one of {', '.join(model.PRECISIONS)}")
+
+    def model_config(self, vocab_size: int) -> model.ModelConfig:
+        shape = {f.name for f in dataclasses.fields(model.ModelConfig)} - {"vocab_size"}
+        return model.ModelConfig(vocab_size, **{name: getattr(self, name) for name in shape})
+
+
+# Options that may differ when a run is resumed; every other one must match the checkpoint.
+RESUMABLE = {"steps", "epochs", "time_budget", "eval_every", "log_every"}
+# The options that set a run's length: on resume, those given replace all of the saved ones.
+LENGTH = ("steps", "epochs", "time_budget")
