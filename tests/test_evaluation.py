@@ -123,10 +123,11 @@ def dynamic_score(run: Path, text: Path, chunk_size: int = 1024, **settings) -> 
 
 def test_dynamic_evaluation_adapts_to_a_shifted_text(trained_run: Path, shifted: Path):
     """Adapting the weights to what has been read learns the new pattern: the tiny model's
-    score drops by far more than a 30% margin (3.17 to 1.67 nats/char when written)."""
+    score drops by more than a 10% margin (3.12 to 2.70 nats/char for the tied, dropout-trained
+    model of today's defaults; 3.17 to 1.67 for the untied one before; η = 3 diverges)."""
     result = dynamic_score(trained_run, shifted, lr=1.0, segment_len=10)
     assert result.dynamic is not None
-    assert result.dynamic.nats_per_char < 0.7 * result.nats_per_char
+    assert result.dynamic.nats_per_char < 0.9 * result.nats_per_char
     assert result.nats_per_char == charlm.perplexity(trained_run, shifted).nats_per_char
 
 
@@ -158,7 +159,7 @@ def test_dynamic_evaluation_through_the_cli(trained_run: Path, shifted: Path):
     as_json = json.loads(run(*args, "--json").stdout)
     dynamic = as_json["dynamic"]
     assert (dynamic["lr"], dynamic["decay"], dynamic["segment_len"]) == (1.0, 0.0, 10)
-    assert dynamic["nats_per_char"] < 0.7 * as_json["nats_per_char"]
+    assert dynamic["nats_per_char"] < 0.9 * as_json["nats_per_char"]
     assert dynamic["perplexity"] == pytest.approx(math.exp(dynamic["nats_per_char"]))
     text = run(*args).stdout
     assert "dynamic evaluation (η=1, λ=0, segments of 10)" in text
