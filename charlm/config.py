@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from charlm import model
 from charlm.errors import CharlmError
+from charlm.regularisation import DROPOUTS
 
 DEFAULT_EPOCHS = 10
 
@@ -65,7 +66,7 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**63:
             raise CharlmError("--seed must be in [0, 2**63)")
-        for name in model.DROPOUTS:
+        for name in DROPOUTS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise CharlmError(
                     f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}"

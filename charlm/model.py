@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from charlm.products import PRECISIONS, matmul, transposed
 from charlm.recurrence import CELLS, GATES, STATE_PARTS, LayerState, recurrence
-from charlm.regularisation import DropoutMasks, apply_mask
+from charlm.regularisation import DROPOUTS, DropoutMasks, apply_mask
 
 Params = dict[str, Any]
 State = tuple[LayerState, ...]
@@ -72,9 +72,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**data)
-
-
-DROPOUTS = ("dropout", "input_dropout", "embed_dropout", "weight_drop")
 
 
 def for_one_stream(config: ModelConfig) -> ModelConfig:

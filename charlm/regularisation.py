@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from charlm.model import ModelConfig
 
 
+# The ModelConfig fields that are dropout rates.
+DROPOUTS = ("dropout", "input_dropout", "embed_dropout", "weight_drop")
+
+
 class DropoutMasks(NamedTuple):
     """The masks of one step; an entry is None where that dropout is off."""
 
@@ -39,8 +43,7 @@ class DropoutMasks(NamedTuple):
 
 def is_regularised(config: ModelConfig) -> bool:
     """Whether training this model draws dropout masks at all."""
-    rates = (config.dropout, config.input_dropout, config.embed_dropout, config.weight_drop)
-    return any(rate > 0 for rate in rates)
+    return any(getattr(config, name) > 0 for name in DROPOUTS)
 
 
 def _mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array | None:
