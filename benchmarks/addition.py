@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import charlm
-from charlm import addition
+from charlm import addition, hardware
 from charlm import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,18 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 # The recipe of charlm.addition, with the schedule the recorded result was measured with.
 MODEL = addition.MODEL
 TRAINING = dict(addition.TRAINING, min_lr=1e-4, warmup_steps=100)
-
-
-def machine() -> str:
-    """nproc and the CPU model, from /proc/cpuinfo where there is one."""
-    model_name = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for row in cpuinfo.read_text().splitlines():
-            if row.startswith("model name"):
-                model_name = row.partition(":")[2].strip()
-                break
-    return f"{os.cpu_count()} CPU cores (nproc {len(os.sched_getaffinity(0))}), {model_name}"
 
 
 def commit() -> str:
@@ -127,7 +114,7 @@ def main() -> None:
     report = f"""# Binary addition: results
 
 `python benchmarks/addition.py` ({datetime.date.today().isoformat()}, commit {code}),
-on {machine()}; JAX on CPU. Load average (1 min) {load_before:.2f} at the start and
+on {hardware.describe_cpu()}, nproc {len(os.sched_getaffinity(0))}; JAX on CPU. Load average (1 min) {load_before:.2f} at the start and
 {load_after:.2f} at the end: the machine was shared, so other work may have slowed the run.
 The whole benchmark took {(time.monotonic() - begun) / 60:.1f} min.
 

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from charlm import checkpoint as ckpt
+from charlm import hardware
 from charlm.corpus import Corpus, load_corpus, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,6 @@ CORPORA_DIR = ROOT.parent / "shared" / "corpora"
 CORPORA = {"sanguo": 600.0, "tinyshakespeare": 180.0}  # name: default budget in seconds
 QUICK_BUDGET = 20.0
 CHARLM = [sys.executable, "-m", "charlm"]
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 # The reference's training recipe: nanoGPT's shakespeare_char settings for a CPU.
 BATCH = 12
@@ -289,21 +289,8 @@ def run_charlm(corpus: Path, budget: float, work: Path) -> tuple[Row, list[str],
     parameters = sum(a.size for name, a in latest.arrays.items() if name.startswith("params/"))
     characters = steps * train["batch_size"] * train["seq_len"]
     row = Row("charlm defaults", nats, steps, characters, seconds, parameters)
-    return row, ["python", "-m", "charlm", *command], json.loads(metrics[-1])
-
-
-def machine() -> str:
-    """The CPU model and core count, and which of the matmul instruction sets it has."""
-    fields: dict[str, str] = {}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    except FileNotFoundError:
-        pass
-    name = fields.get("Model name", platform.processor() or "unknown CPU").strip()
-    flags = set(fields.get("Flags", "").split())
-    sets = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
-    return f"{name}, {os.cpu_count()} cores ({sets})"
+    last = {**json.loads(metrics[-1]), "precision": latest.meta["model"]["precision"]}
+    return row, ["python", "-m", "charlm", *command], last
 
 
 def commit() -> str:
@@ -352,7 +339,7 @@ def benchmark(name: str, budget: float, keep: Path | None) -> list[str]:
     reference = Row("GPT reference", nats, trained.iterations, seen, trained.seconds, parameters)
     print(f"{name}: charlm for {budget:g} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="charlm-quality-") as tmp:
-        work = Path(tmp) if keep is None else keep / name
+        work = Path(tmp) if keep is None else keep / f"{name}-{budget:g}s"
         work.mkdir(parents=True, exist_ok=True)
         ours, command, last = run_charlm(path, budget, work)
         tmp = str(work)
@@ -372,7 +359,7 @@ def benchmark(name: str, budget: float, keep: Path | None) -> list[str]:
         f"- charlm: `{shlex.join(command).replace(tmp, '$TMP')}`; wall time of the process, "
         f"compilation and validation passes included; step {last['step']:,} at "
         f"{last['elapsed']:.1f} s by its own clock, {last['chars_per_sec']:,} chars/s at the end; "
-        "scored on best.ckpt.",
+        f"trained in {last['precision']} (its `--precision auto` choice); scored on best.ckpt.",
         f"- GPT reference: {config.n_layer} layers, {config.n_head} heads, n_embd "
         f"{config.n_embd}, context {config.block_size}, batch {BATCH}; training loss "
         f"{first:.3f} over the first {span} iterations, {final:.3f} over the last {span}; cosine "
@@ -382,10 +369,27 @@ def benchmark(name: str, budget: float, keep: Path | None) -> list[str]:
     ]
 
 
+def planned_run(text: str) -> tuple[str, float]:
+    """CORPUS:SECONDS, as --run takes it."""
+    name, _, seconds = text.partition(":")
+    if name not in CORPORA or not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected CORPUS:SECONDS with CORPUS one of {', '.join(CORPORA)}, got {text!r}"
+        )
+    return name, float(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", choices=CORPORA, help="one corpus (default: both)")
     parser.add_argument("--budget", type=float, help="seconds of training for each model")
+    parser.add_argument(
+        "--run",
+        action="append",
+        type=planned_run,
+        metavar="CORPUS:SECONDS",
+        help="a corpus and budget to measure, repeatable; replaces --corpus and --budget",
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET:g} s budgets")
     parser.add_argument("--output", type=Path, help="the results file to write")
     parser.add_argument(
@@ -397,17 +401,20 @@ def main() -> None:
     )
     torch.set_num_threads(os.cpu_count())
     code, today, load_before = commit(), datetime.date.today(), os.getloadavg()[0]
+    plan = args.run or [
+        (name, args.budget or (QUICK_BUDGET if args.quick else default))
+        for name, default in CORPORA.items()
+        if args.corpus in (None, name)
+    ]
     sections = []
-    for name, default in CORPORA.items():
-        if args.corpus in (None, name):
-            budget = args.budget or (QUICK_BUDGET if args.quick else default)
-            sections += benchmark(name, budget, args.keep)
+    for name, budget in plan:
+        sections += benchmark(name, budget, args.keep)
     lines = [
         "# Quality in equal wall time: charlm against a small GPT",
         "",
         f"`{shlex.join(['python', 'benchmarks/quality.py', *sys.argv[1:]])}`",
         "",
-        f"- machine: {machine()}; {torch.get_num_threads()} PyTorch threads",
+        f"- machine: {hardware.describe_cpu()}; {torch.get_num_threads()} PyTorch threads",
         f"- load average (1 min): {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at "
         "the end; the machine may have been shared",
         f"- date: {today.isoformat()}",

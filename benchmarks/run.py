@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm import model, runtime
+from charlm import hardware, model, runtime
 from charlm.config import TrainConfig
 from charlm.evaluation import total_nats
 from charlm.sampling import generate
@@ -324,18 +324,11 @@ def training_peak_memory(corpus: Path, workdir: Path, steps: int) -> float:
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
     return {
-        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "machine": hardware.describe_cpu(),
         "device": str(jax.devices()[0].device_kind),
         "date": datetime.date.today().isoformat(),
         "commit": commit or "unknown",

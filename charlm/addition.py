@@ -38,7 +38,9 @@ MODEL = dict(
     weight_drop=0.0,
 )
 # How it trains (TrainConfig fields), as benchmarks/addition.py measured it.
-TRAINING = dict(batch_size=32, seq_len=64, lr=1e-2, beta2=0.999, val_fraction=0.02)
+TRAINING = dict(
+    batch_size=32, seq_len=64, lr=1e-2, beta2=0.999, val_fraction=0.02, precision="float32"
+)
 
 
 def to_bits(n: int, width: int) -> str:

@@ -126,9 +126,10 @@ def main() -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["float32", "bfloat16"]),
+    type=click.Choice(["auto", "float32", "bfloat16"]),
     help="Operand type of the matrix multiplies; state, sums and parameters stay float32. "
-    "bfloat16 is faster on processors with bfloat16 instructions. [default: float32]",
+    "auto: bfloat16 where the processor computes in it (AVX-512 BF16 or AMX, recent GPUs, "
+    "TPUs), float32 elsewhere. [default: auto]",
 )
 @click.option(
     "--batch-size", type=click.IntRange(min=1), help="Parallel streams per step. [default: 16]"

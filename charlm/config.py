@@ -10,6 +10,9 @@ from charlm.errors import CharlmError
 from charlm.regularisation import DROPOUTS
 
 DEFAULT_EPOCHS = 10
+# "auto" is resolved when a run starts (`charlm.hardware.auto_precision`); checkpoints record
+# the precision it chose.
+PRECISION_CHOICES = ("auto", *model.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class TrainConfig:
     embed_dropout: float = 0.1
     weight_drop: float = 0.1
     tie_embeddings: bool = True
-    precision: str = "float32"
+    precision: str = "auto"
     batch_size: int = 16
     seq_len: int = 100
     val_fraction: float = 0.1
@@ -75,10 +78,13 @@ class TrainConfig:
             raise CharlmError(f"--beta2 must be in (0, 1), got {self.beta2}")
         if self.cell not in model.CELLS:
             raise CharlmError(f"--cell must be one of {', '.join(model.CELLS)}")
-        if self.precision not in model.PRECISIONS:
-            raise CharlmError(f"--precision must be one of {', '.join(model.PRECISIONS)}")
+        if self.precision not in PRECISION_CHOICES:
+            raise CharlmError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
 
     def model_config(self, vocab_size: int) -> model.ModelConfig:
+        """The model these options describe; precision "auto" must have been resolved first."""
+        if self.precision == "auto":
+            raise ValueError("resolve precision 'auto' first: charlm.hardware.auto_precision")
         shape = {f.name for f in dataclasses.fields(model.ModelConfig)} - {"vocab_size"}
         return model.ModelConfig(vocab_size, **{name: getattr(self, name) for name in shape})
 

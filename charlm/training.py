@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from charlm import __version__, model
+from charlm import __version__, hardware, model
 from charlm import checkpoint as ckpt
 from charlm.catalog import resolve_corpus
 from charlm.config import DEFAULT_EPOCHS, LENGTH, RESUMABLE, TrainConfig
@@ -96,6 +96,8 @@ def _choose_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
 
 def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainConfig:
     saved = TrainConfig(**loaded.meta["train"])
+    if overrides.get("precision") == "auto":
+        overrides = {name: value for name, value in overrides.items() if name != "precision"}
     for name, value in overrides.items():
         if name not in RESUMABLE and getattr(saved, name) != value:
             raise CharlmError(
@@ -195,6 +197,11 @@ def train(
     """
     started = time.monotonic()
     config, data, run_path, loaded = _open_run(corpus, config, run_dir, resume, overrides, progress)
+    precision_note = f"in {config.precision}"
+    if config.precision == "auto":
+        precision, why = hardware.auto_precision(jax.devices()[0])
+        config = dataclasses.replace(config, precision=precision)
+        precision_note = f"in {precision} (auto: {why})"
     stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
     run_path.mkdir(parents=True, exist_ok=True)
     # A run limited only by time sets its length from its speed, re-estimated at every
@@ -236,7 +243,8 @@ def train(
     n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
     log(
         f"{'resuming' if loaded else 'training'} {config.cell.upper()} {config.layers}×"
-        f"{config.hidden_size} ({n_params:,} parameters) on {data.path} at step {step}: "
+        f"{config.hidden_size} ({n_params:,} parameters) {precision_note} on {data.path} at "
+        f"step {step}: "
         f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
         f"vocabulary {len(data.vocab):,}; run directory {run_path}"
     )

@@ -29,7 +29,9 @@ from charlm.errors import CharlmError
 
 def run_meta(vocab: str = "ab出战") -> dict[str, Any]:
     """A valid metadata document of the current format, with whatever fields the configs have."""
-    train = TrainConfig(hidden_size=8, embed_size=4, batch_size=4, seq_len=16, steps=60)
+    train = TrainConfig(
+        hidden_size=8, embed_size=4, batch_size=4, seq_len=16, steps=60, precision="float32"
+    )
     return {
         "charlm_version": charlm.__version__,
         "created": "2026-11-24T03:00:00+00:00",

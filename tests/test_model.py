@@ -16,6 +16,7 @@ from charlm import model, products, recurrence, regularisation
 from charlm.config import TrainConfig
 from charlm.corpus import BatchStream, Vocabulary
 from charlm.loss import head_loss
+from charlm.regularisation import DROPOUTS
 from charlm.step import (
     init_state,
     learning_rate,
@@ -568,7 +569,15 @@ def test_small_model_overfits_a_repeated_phrase():
     vocab = Vocabulary.from_text(text)
     tokens = vocab.encode(text)
     config = TrainConfig(
-        hidden_size=48, embed_size=16, layers=1, batch_size=4, seq_len=40, lr=1e-2, warmup_steps=10
+        hidden_size=48,
+        embed_size=16,
+        layers=1,
+        batch_size=4,
+        seq_len=40,
+        lr=1e-2,
+        warmup_steps=10,
+        precision="float32",
+        **dict.fromkeys(DROPOUTS, 0.0),
     )
     stream = BatchStream(tokens, config.batch_size, config.seq_len)
     steps = 200

@@ -19,7 +19,7 @@ from conftest import TINY
 
 import charlm
 from charlm import checkpoint as ckpt
-from charlm import model
+from charlm import hardware, model
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError
 from charlm.loss import head_loss
@@ -254,6 +254,30 @@ def test_train_takes_a_catalog_name():
     )
 
 
+@pytest.mark.parametrize("processor", ["bfloat16", "float32"])
+def test_auto_precision_is_chosen_once_and_kept_on_resume(
+    corpus_file: Path, monkeypatch: pytest.MonkeyPatch, capsys, processor: str
+):
+    """The default precision, auto, becomes the processor's choice when a run starts; the
+    checkpoint records that choice and a resume keeps it, on any processor."""
+    choice = {"bfloat16": ("bfloat16", "the CPU has avx512_bf16")}.get(
+        processor, ("float32", "the CPU lacks bfloat16 arithmetic")
+    )
+    monkeypatch.setattr(hardware, "auto_precision", lambda device: choice)
+    options = dict(TINY, run_dir="auto", precision="auto")
+    result = charlm.train(str(corpus_file), steps=10, **options)
+    assert f"in {choice[0]} (auto: {choice[1]})" in capsys.readouterr().err
+    meta = ckpt.load(ckpt.resolve(result.run_dir)).meta
+    assert meta["model"]["precision"] == meta["train"]["precision"] == processor
+    other = "float32" if processor == "bfloat16" else "bfloat16"
+    monkeypatch.setattr(hardware, "auto_precision", lambda device: (other, "another machine"))
+    resumed = charlm.train(str(corpus_file), resume=True, steps=15, progress=False, **options)
+    assert resumed.step == 15
+    assert ckpt.load(ckpt.resolve(result.run_dir)).meta["model"]["precision"] == processor
+    with pytest.raises(CharlmError, match="precision"):
+        charlm.train(str(corpus_file), resume=True, steps=20, **{**options, "precision": other})
+
+
 def test_bfloat16_run_trains_resumes_and_records_its_precision(corpus_file: Path):
     """--precision bfloat16 end to end: it trains like float32, the checkpoint records the
     precision, the run resumes, and a resume cannot switch it."""
@@ -271,5 +295,5 @@ def test_bfloat16_run_trains_resumes_and_records_its_precision(corpus_file: Path
     assert resumed.step == 50
     with pytest.raises(CharlmError, match="precision"):
         charlm.train(str(corpus_file), resume=True, steps=60, **{**options, "precision": "float32"})
-    with pytest.raises(CharlmError, match="--precision must be one of float32, bfloat16"):
+    with pytest.raises(CharlmError, match="--precision must be one of auto, float32, bfloat16"):
         charlm.train(str(corpus_file), steps=5, **{**options, "precision": "float16"})
