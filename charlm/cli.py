@@ -101,7 +101,7 @@ def main() -> None:
 @click.option(
     "--dropout",
     type=click.FloatRange(0, 1, max_open=True),
-    help="Variational dropout on every layer's output, one mask per stream. [default: 0.1]",
+    help="Variational dropout on every layer's output, one mask per stream. [default: 0.2]",
 )
 @click.option(
     "--input-dropout",
@@ -116,7 +116,7 @@ def main() -> None:
 @click.option(
     "--weight-drop",
     type=click.FloatRange(0, 1, max_open=True),
-    help="DropConnect on the recurrent weights W_h, one mask per step. [default: 0.1]",
+    help="DropConnect on the recurrent weights W_h, one mask per step. [default: 0.25]",
 )
 @click.option(
     "--tie-embeddings/--no-tie-embeddings",
@@ -146,7 +146,7 @@ def main() -> None:
 )
 @click.option("--encoding", help="Text encoding of CORPUS, e.g. gb18030. [default: utf-8]")
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate. [default: 0.008]"
+    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate. [default: 0.01]"
 )
 @click.option(
     "--min-lr",
