@@ -39,7 +39,13 @@ MODEL = dict(
 )
 # How it trains (TrainConfig fields), as benchmarks/addition.py measured it.
 TRAINING = dict(
-    batch_size=32, seq_len=64, lr=1e-2, beta2=0.999, val_fraction=0.02, precision="float32"
+    batch_size=32,
+    seq_len=64,
+    lr=1e-2,
+    beta2=0.999,
+    weight_decay=0.01,
+    val_fraction=0.02,
+    precision="float32",
 )
 
 

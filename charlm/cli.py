@@ -164,7 +164,7 @@ def main() -> None:
 @click.option(
     "--weight-decay",
     type=click.FloatRange(min=0),
-    help="AdamW weight decay on matrices. [default: 0.01]",
+    help="AdamW weight decay on matrices. [default: 0.1]",
 )
 @click.option(
     "--beta2",

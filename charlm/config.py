@@ -43,7 +43,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int | None = None
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     beta2: float = 0.99
     clip_norm: float = 5.0
     seed: int = 0
