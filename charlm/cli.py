@@ -40,6 +40,14 @@ class Duration(click.ParamType):
         return hours * 3600 + minutes * 60 + seconds
 
 
+def _rate_option(flag: str, what: str, default: float) -> Callable[..., Any]:
+    """A probability option in [0, 1), such as a dropout rate. Its default is only stated in
+    the help: TrainConfig holds it, and the CLI does not import it (nor JAX) for --help."""
+    return click.option(
+        flag, type=click.FloatRange(0, 1, max_open=True), help=f"{what} [default: {default:g}]"
+    )
+
+
 def _user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
     """Print a CharlmError as one line and exit 1; never show a traceback for bad input.
     A command that `compiles` first makes the process settings of `charlm.runtime`; the others
@@ -98,26 +106,12 @@ def main() -> None:
 @click.option(
     "--embed-size", type=click.IntRange(min=1), help="Character embedding size. [default: 256]"
 )
-@click.option(
-    "--dropout",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="Variational dropout on every layer's output, one mask per stream. [default: 0.2]",
+@_rate_option("--dropout", "Variational dropout on every layer's output, one mask per stream.", 0.2)
+@_rate_option(
+    "--input-dropout", "Variational dropout on the embedded characters, one mask per stream.", 0
 )
-@click.option(
-    "--input-dropout",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="Variational dropout on the embedded characters, one mask per stream. [default: 0]",
-)
-@click.option(
-    "--embed-dropout",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="Drop whole characters from the embedding, per step. [default: 0.1]",
-)
-@click.option(
-    "--weight-drop",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="DropConnect on the recurrent weights W_h, one mask per step. [default: 0.25]",
-)
+@_rate_option("--embed-dropout", "Drop whole characters from the embedding, per step.", 0.1)
+@_rate_option("--weight-drop", "DropConnect on the recurrent weights W_h, one mask per step.", 0.25)
 @click.option(
     "--tie-embeddings/--no-tie-embeddings",
     default=None,
