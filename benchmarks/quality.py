@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from charlm import checkpoint as ckpt
 from charlm import hardware
 from charlm.corpus import Corpus, load_corpus, read_text
+from charlm.evaluation import unigram_nats
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = ROOT.parent / "shared" / "corpora"
@@ -245,8 +246,7 @@ def baselines(corpus: Corpus, text: str) -> list[Row]:
     xz(train + held-out) − xz(train) bytes of UTF-8, per held-out character."""
     train, held_out = corpus.train_tokens, corpus.val_tokens[1:]
     vocab = len(corpus.vocab)
-    counts = np.bincount(train, minlength=vocab) + 1.0
-    unigram = -np.mean(np.log(counts[held_out] / counts.sum()))
+    unigram = unigram_nats(train, held_out, vocab)
     preset = 9 | lzma.PRESET_EXTREME
     split = corpus.split_index
     both = len(lzma.compress(text.encode(), preset=preset))
@@ -254,7 +254,7 @@ def baselines(corpus: Corpus, text: str) -> list[Row]:
     xz_bits = (both - alone) * 8 / (len(text) - split)
     return [
         Row(f"uniform, ln {vocab:,}", math.log(vocab)),
-        Row("unigram, add-one", float(unigram)),
+        Row("unigram, add-one", unigram),
         Row("xz -9e, given the training text", xz_bits * math.log(2)),
     ]
 

@@ -155,7 +155,7 @@ def accuracy(
         params, config, primes, bits + 1, jax.random.key(0), num_samples=len(tests), greedy=True
     )
     answers = [vocab.decode(row) for row in np.concatenate(list(chunks), axis=1)]
-    mistakes = []
+    mistakes: list[tuple[str, str, str]] = []
     correct = 0
     for (a, b), answer in zip(tests, answers):
         expected = to_bits(a + b, bits + 1)

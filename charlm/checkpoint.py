@@ -121,14 +121,50 @@ def load(path: str | os.PathLike) -> Checkpoint:
     if not path.is_file():
         raise CharlmError(f"no checkpoint at {path}")
     data = path.read_bytes()
-    damaged = CharlmError(f"{path} is not a readable charlm checkpoint (damaged or truncated)")
+    meta = _checked_meta(data, path)
+    try:
+        arrays = safetensors.numpy.load(data)
+    except Exception:
+        raise _damaged(path) from None
+    return Checkpoint(path, meta, arrays)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked metadata of a checkpoint file, read from its header alone (for listings:
+    the arrays are not read, only their extent checked against the file's size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CharlmError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        data = head + f.read(min(header_len, 100_000_000))
+    meta = _checked_meta(data, path)
+    try:
+        header = json.loads(data[8:])
+        ends = [
+            entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
+        ]
+        whole = path.stat().st_size == 8 + header_len + max(ends, default=0)
+    except Exception:
+        whole = False
+    if not whole:
+        raise _damaged(path)
+    return meta
+
+
+def _damaged(path: Path) -> CharlmError:
+    return CharlmError(f"{path} is not a readable charlm checkpoint (damaged or truncated)")
+
+
+def _checked_meta(data: bytes, path: Path) -> dict[str, Any]:
+    """The metadata in the safetensors header at the start of `data`, upgraded and checked."""
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_len])
         metadata = header.get("__metadata__") or {}
-        arrays = safetensors.numpy.load(data)
     except Exception:
-        raise damaged from None
+        raise _damaged(path) from None
     if metadata.get("format") != FORMAT:
         raise CharlmError(f"{path} is a safetensors file but not a charlm checkpoint")
     version = _format_version(metadata, str(path))
@@ -141,7 +177,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
     for old in range(version, FORMAT_VERSION):
         meta = UPGRADES[old](meta, str(path))
     checkpoint_meta.validate(meta, str(path))
-    return Checkpoint(path, meta, arrays)
+    return meta
 
 
 def _format_version(metadata: Mapping[str, str], source: str) -> int:

@@ -97,6 +97,14 @@ def total_nats(
     return float(np.sum(np.asarray(jax.device_get(sums), np.float64))), count
 
 
+def unigram_nats(train_tokens: np.ndarray, predicted: np.ndarray, vocab_size: int) -> float:
+    """Nats per character of `predicted` under the add-one (Laplace) smoothed character
+    frequencies of `train_tokens`: a model that knows how often each character occurs and
+    nothing of their order. With ln(vocab_size), the uniform guess, it frames a model's loss."""
+    counts = np.bincount(train_tokens, minlength=vocab_size) + 1.0
+    return float(-np.mean(np.log(counts[predicted] / counts.sum())))
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """The score of a model on a text: the static score (the trained weights, fixed), and the
@@ -168,6 +176,23 @@ def perplexity(
     else:
         tokens, unknown = vocab.encode_known(read_text(text_file, encoding))
         source = str(text_file)
+    return score(params, config, tokens, unknown, source, chunk_size=chunk_size, dynamic=dynamic)
+
+
+def score(
+    params: model.Params,
+    config: model.ModelConfig,
+    tokens: np.ndarray,
+    unknown: dict[str, int],
+    source: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    dynamic: DynamicEvaluation | None = None,
+) -> Perplexity:
+    """The score of a loaded model on `tokens`, the known characters of a text (and `unknown`,
+    the count of those removed, as `Vocabulary.encode_known` gives them): shared by
+    `perplexity` and the server (`charlm.server`), which holds the model and gets text, not
+    files. Raises CharlmError, naming `source`, when there is nothing to evaluate."""
     if len(tokens) < 2:
         raise CharlmError(f"{source} has fewer than 2 known characters; nothing to evaluate")
     nats, count = total_nats(params, config, tokens, chunk_size)

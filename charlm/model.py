@@ -209,6 +209,7 @@ def features(
         new_state.append(layer_state)
         if masks is not None:
             x = apply_mask(x, masks.outputs[n])
+    assert x is not None  # a model has at least one layer
     return x, tuple(new_state)
 
 

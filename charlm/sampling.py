@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 
 from charlm import checkpoint as ckpt
 from charlm import model
+from charlm.corpus import Vocabulary
 from charlm.errors import CharlmError
 
 DEFAULT_CHUNK = 64
@@ -179,57 +181,102 @@ def generate(
             yield new
 
 
-def sample_stream(
-    checkpoint: str | os.PathLike | None = None,
+class SampleError(CharlmError):
+    """A sampling option or prime that cannot be used; `field` names it (length, temperature,
+    top_k, top_p, seed, num_samples, chunk_size or prime), for callers that report per field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_options(
     *,
-    prime: str = "",
     length: int = 500,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
     num_samples: int = 1,
-    greedy: bool = False,
-    drop_unknown: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
-) -> Iterator[list[str]]:
-    """Yield text as it is generated: first the prime, then successive pieces, each a list
-    with one string per sample. `checkpoint` is a file, a run directory, or None for the
-    working directory's latest run. An empty prime starts from a newline (a fresh paragraph)
-    when the vocabulary has one."""
-    if length < 0 or num_samples < 1 or chunk_size < 1:
-        raise CharlmError("length must not be negative; num_samples and chunk_size at least 1")
+) -> None:
+    """Raise SampleError for the first option out of its range."""
+    if length < 0:
+        raise SampleError("length", "length must not be negative")
+    if num_samples < 1:
+        raise SampleError("num_samples", "num_samples must be at least 1")
+    if chunk_size < 1:
+        raise SampleError("chunk_size", "chunk_size must be at least 1")
     if seed is not None and not 0 <= seed < 2**63:
-        raise CharlmError("--seed must be in [0, 2**63)")
+        raise SampleError("seed", "seed must be in [0, 2**63)")
     if not temperature > 0:
-        raise CharlmError("--temperature must be positive (use --greedy for argmax)")
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise CharlmError("--top-k must not be negative and --top-p must be in (0, 1]")
-    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint)))
-    unknown = vocab.unknown(prime)
-    if unknown and not drop_unknown:
-        raise CharlmError(
-            f"the prime has characters the model never saw: {unknown!r}; "
-            "change the prime or pass --drop-unknown to leave them out"
-        )
-    prime = "".join(ch for ch in prime if ch not in unknown)
-    context = vocab.encode(prime if prime or "\n" not in vocab.chars else "\n")
-    key = jax.random.key(secrets.randbits(31) if seed is None else seed)
-    yield [prime] * num_samples
-    for tokens in generate(
-        params,
-        config,
-        context,
-        length,
-        key,
-        num_samples=num_samples,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        greedy=greedy,
-        chunk_size=chunk_size,
-    ):
-        yield [vocab.decode(row) for row in tokens]
+        raise SampleError("temperature", "temperature must be positive (use greedy for argmax)")
+    if top_k < 0:
+        raise SampleError("top_k", "top_k must not be negative")
+    if not 0 < top_p <= 1:
+        raise SampleError("top_p", "top_p must be in (0, 1]")
+
+
+class Sampler:
+    """A trained model loaded once, to draw any number of samples from. Compilations are
+    shared by every call with the same number of samples and chunk size; calls from several
+    threads at once are independent (each carries its own state and key)."""
+
+    def __init__(self, params: model.Params, config: model.ModelConfig, vocab: Vocabulary):
+        self.params, self.config, self.vocab = params, config, vocab
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike | None = None) -> Sampler:
+        """From a checkpoint file, a run directory, or None for the working directory's
+        latest run."""
+        return cls(*ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint))))
+
+    def stream(
+        self,
+        prime: str = "",
+        *,
+        length: int = 500,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        num_samples: int = 1,
+        greedy: bool = False,
+        drop_unknown: bool = False,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> Iterator[list[str]]:
+        """Yield text as it is generated: first the prime, then successive pieces, each a list
+        with one string per sample. An empty prime starts from a newline (a fresh paragraph)
+        when the vocabulary has one. Options are checked before anything is yielded."""
+        options: dict[str, Any] = dict(length=length, temperature=temperature, top_k=top_k)
+        options.update(top_p=top_p, num_samples=num_samples, chunk_size=chunk_size)
+        check_options(seed=seed, **options)
+        unknown = self.vocab.unknown(prime)
+        if unknown and not drop_unknown:
+            raise SampleError(
+                "prime",
+                f"the prime has characters the model never saw: {unknown!r}; "
+                "change the prime or pass --drop-unknown to leave them out",
+            )
+        prime = "".join(ch for ch in prime if ch not in unknown)
+        return self._pieces(prime, seed=seed, greedy=greedy, **options)
+
+    def _pieces(self, prime: str, *, seed: int | None, num_samples: int, **options):
+        vocab = self.vocab
+        context = vocab.encode(prime if prime or "\n" not in vocab.chars else "\n")
+        key = jax.random.key(secrets.randbits(31) if seed is None else seed)
+        yield [prime] * num_samples
+        for tokens in generate(
+            self.params, self.config, context, key=key, num_samples=num_samples, **options
+        ):
+            yield [vocab.decode(row) for row in tokens]
+
+
+def sample_stream(
+    checkpoint: str | os.PathLike | None = None, *, prime: str = "", **options
+) -> Iterator[list[str]]:
+    """`Sampler.load(checkpoint).stream(prime, **options)`: load the model and stream."""
+    return Sampler.load(checkpoint).stream(prime, **options)
 
 
 def sample(checkpoint: str | os.PathLike | None = None, **options) -> list[str]:

@@ -32,7 +32,7 @@ from charlm.catalog import resolve_corpus
 from charlm.config import DEFAULT_EPOCHS, LENGTH, RESUMABLE, TrainConfig
 from charlm.corpus import BatchStream, Corpus, Vocabulary, load_corpus
 from charlm.errors import CharlmError
-from charlm.evaluation import total_nats
+from charlm.evaluation import total_nats, unigram_nats
 from charlm.step import init_state, learning_rate, make_optimizer, make_train_step, sequence_loss
 
 
@@ -105,7 +105,8 @@ def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainC
                 f"{getattr(saved, name)!r}); start a new run to change it"
             )
     if any(name in overrides for name in LENGTH):
-        saved = dataclasses.replace(saved, **dict.fromkeys(LENGTH))
+        cleared: dict[str, Any] = dict.fromkeys(LENGTH)
+        saved = dataclasses.replace(saved, **cleared)
     return dataclasses.replace(saved, **overrides)
 
 
@@ -236,6 +237,13 @@ def train(
     eval_seconds = 0.0  # the last evaluation's duration, kept free at the end of a time budget
     stop = "done"
 
+    # Two losses that a model must beat to have learnt anything, shown beside each validation
+    # loss: a uniform guess, and the training text's character frequencies.
+    baselines = ""
+    if data.val_tokens.size > 1:
+        unigram = unigram_nats(data.train_tokens, data.val_tokens[1:], len(data.vocab))
+        baselines = f"; unigram {unigram:.3f}, uniform {math.log(len(data.vocab)):.3f}"
+
     def log(message: str) -> None:
         if progress:
             tqdm.write(message, file=sys.stderr)
@@ -339,11 +347,13 @@ def train(
             show_progress()
             log(
                 f"step {step}: train loss {_show(train_loss)}, val loss {val_loss:.4f} "
-                f"({val_loss / math.log(2):.3f} bits/char){' *best*' if is_best else ''}"
+                f"({val_loss / math.log(2):.3f} bits/char{baselines})"
+                f"{' *best*' if is_best else ''}"
             )
         now = time.monotonic()
         elapsed, eval_seconds = now - started, now - eval_start
         if refit_decay and step > start_step:
+            assert config.time_budget is not None  # refit_decay means a run limited by time
             per_step = elapsed / (step - start_step)
             remaining = config.time_budget - elapsed - eval_seconds
             decay_steps = step + max(int(remaining / per_step), 1)

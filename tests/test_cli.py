@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -36,6 +37,11 @@ def test_train_sample_perplexity_end_to_end(corpus_file: Path):
     trained = run("train", str(corpus_file), *TINY_ARGS, "--steps", "80", "--eval-every", "40")
     assert trained.exit_code == 0, trained.output
     assert "val loss" in trained.stderr and "runs/mixed" in trained.stderr
+    # Each validation loss is shown beside the two baselines a model must beat.
+    vocab = len(set(corpus_file.read_text(encoding="utf-8")))
+    assert re.search(
+        rf"bits/char; unigram \d\.\d{{3}}, uniform {math.log(vocab):.3f}\)", trained.stderr
+    )
     assert sorted(p.name for p in Path("runs/mixed").iterdir()) == [
         "best.ckpt",
         "latest.ckpt",
@@ -210,7 +216,18 @@ def test_readme_documents_every_command_and_option():
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["train"], ["sample"], ["perplexity"], ["corpus"], ["corpus", "list"], ["corpus", "get"]],
+    [
+        [],
+        ["train"],
+        ["sample"],
+        ["perplexity"],
+        ["runs"],
+        ["plot"],
+        ["serve"],
+        ["corpus"],
+        ["corpus", "list"],
+        ["corpus", "get"],
+    ],
 )
 def test_readme_command_reference_is_the_real_help(command: list[str]):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")

@@ -22,7 +22,14 @@ from charlm import model
 from charlm.cli import main
 from charlm.dynamic import DEFAULT_DECAY, DEFAULT_LR, DEFAULT_SEGMENT_LEN, DynamicEvaluation
 from charlm.errors import CharlmError
-from charlm.evaluation import Perplexity, total_nats
+from charlm.evaluation import Perplexity, total_nats, unigram_nats
+
+
+def test_unigram_baseline_is_the_add_one_frequency_model():
+    train = np.array([0, 0, 1])
+    # Counts plus one: 3, 2, 1 out of 6; a character never seen in training still gets 1/6.
+    expected = -(math.log(3 / 6) + math.log(1 / 6)) / 2
+    assert unigram_nats(train, np.array([0, 2]), 3) == pytest.approx(expected, rel=1e-12)
 
 
 def test_result_does_not_depend_on_chunk_size(trained_run: Path):

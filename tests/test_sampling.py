@@ -14,7 +14,14 @@ import charlm
 from charlm import checkpoint as ckpt
 from charlm import model
 from charlm.errors import CharlmError
-from charlm.sampling import draw, filter_logits, generate, inverse_cdf, sample_stream
+from charlm.sampling import (
+    SampleError,
+    draw,
+    filter_logits,
+    generate,
+    inverse_cdf,
+    sample_stream,
+)
 
 
 def test_same_seed_same_text_whatever_the_chunking(trained_run: Path):
@@ -192,10 +199,20 @@ def test_empty_prime_starts_a_new_paragraph(trained_run: Path):
     assert text == after_newline[1:]
 
 
-def test_bad_options_are_refused(trained_run: Path):
-    with pytest.raises(CharlmError, match="temperature"):
-        charlm.sample(trained_run, temperature=0.0)
-    with pytest.raises(CharlmError, match="top-p"):
-        charlm.sample(trained_run, top_p=0.0)
-    with pytest.raises(CharlmError, match="--seed must be in"):
-        charlm.sample(trained_run, seed=-1)
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("temperature", 0.0, "temperature must be positive"),
+        ("top_p", 0.0, "top_p must be in (0, 1]"),
+        ("top_k", -1, "top_k must not be negative"),
+        ("seed", -1, "seed must be in [0, 2**63)"),
+        ("length", -1, "length must not be negative"),
+        ("num_samples", 0, "num_samples must be at least 1"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_field(
+    trained_run: Path, option: str, value: float, words: str
+):
+    with pytest.raises(SampleError) as caught:
+        charlm.sample(trained_run, **{option: value})
+    assert caught.value.field == option and str(caught.value).startswith(words)

@@ -1,90 +1,19 @@
-"""The `charlm` command: a thin click shell over charlm.train, charlm.sample, charlm.perplexity
-and the corpus catalog (charlm.catalog).
-
-Nothing here imports JAX at module level, so `charlm --help` answers at once. A CharlmError
-becomes one line on stderr and exit status 1.
-"""
+"""The model commands: train, sample and perplexity."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import re
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from charlm import __version__, runtime
+from charlm.cli.common import Duration, checkpoint_option, rate_option, user_errors
 from charlm.errors import CharlmError
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
 
-
-class Duration(click.ParamType):
-    """A time span such as 90, 90s, 10m or 1h30m, in seconds."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        match = _DURATION.fullmatch(str(value).strip())
-        if not value or not match or not any(match.groups()):
-            self.fail(
-                f"{value!r} is not a duration; write it like 600, 90s, 10m or 1h30m", param, ctx
-            )
-        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-        return hours * 3600 + minutes * 60 + seconds
-
-
-def _rate_option(flag: str, what: str, default: float) -> Callable[..., Any]:
-    """A probability option in [0, 1), such as a dropout rate. Its default is only stated in
-    the help: TrainConfig holds it, and the CLI does not import it (nor JAX) for --help."""
-    return click.option(
-        flag, type=click.FloatRange(0, 1, max_open=True), help=f"{what} [default: {default:g}]"
-    )
-
-
-def _user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
-    """Print a CharlmError as one line and exit 1; never show a traceback for bad input.
-    A command that `compiles` first makes the process settings of `charlm.runtime`; the others
-    (the corpus commands) never import JAX."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            if compiles:
-                runtime.reuse_freed_memory()
-                runtime.enable_compilation_cache()
-            return command(*args, **kwargs)
-        except CharlmError as err:
-            click.echo(f"charlm: error: {err}", err=True)
-            sys.exit(1)
-        except BrokenPipeError:
-            sys.stderr.close()
-            sys.exit(0)
-        except OSError as err:
-            # A run directory that cannot be made, a full disk, a file that cannot be read.
-            where = f": {err.filename}" if err.filename else ""
-            click.echo(f"charlm: error: {err.strerror or err}{where}", err=True)
-            sys.exit(1)
-
-    return wrapper
-
-
-_user_errors_without_jax = functools.partial(_user_errors, compiles=False)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="charlm")
-def main() -> None:
-    """Train character-level LSTM, GRU and RNN language models, and sample from them."""
-
-
-@main.command()
+@click.command()
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, path_type=str))
 @click.option(
     "--run-dir",
@@ -106,12 +35,12 @@ def main() -> None:
 @click.option(
     "--embed-size", type=click.IntRange(min=1), help="Character embedding size. [default: 256]"
 )
-@_rate_option("--dropout", "Variational dropout on every layer's output, one mask per stream.", 0.2)
-@_rate_option(
+@rate_option("--dropout", "Variational dropout on every layer's output, one mask per stream.", 0.2)
+@rate_option(
     "--input-dropout", "Variational dropout on the embedded characters, one mask per stream.", 0
 )
-@_rate_option("--embed-dropout", "Drop whole characters from the embedding, per step.", 0.1)
-@_rate_option("--weight-drop", "DropConnect on the recurrent weights W_h, one mask per step.", 0.25)
+@rate_option("--embed-dropout", "Drop whole characters from the embedding, per step.", 0.1)
+@rate_option("--weight-drop", "DropConnect on the recurrent weights W_h, one mask per step.", 0.25)
 @click.option(
     "--tie-embeddings/--no-tie-embeddings",
     default=None,
@@ -201,7 +130,7 @@ def main() -> None:
     help="Update the loss shown every N steps. [default: 10]",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
-@_user_errors
+@user_errors
 def train(
     corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, **options: Any
 ) -> None:
@@ -220,14 +149,15 @@ def train(
         sys.exit(130)
 
 
-@main.command()
+@click.command()
+@checkpoint_option
+@click.option("--prime", "-p", help="Text to start from. [default: a new line]")
 @click.option(
-    "--checkpoint",
-    "-c",
-    type=click.Path(),
-    help="Checkpoint file or run directory. [default: the latest run here]",
+    "--prime-file",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Start from the text of this file instead (read as a corpus is, with --encoding).",
 )
-@click.option("--prime", "-p", default="", help="Text to start from. [default: a new line]")
+@click.option("--encoding", help="Text encoding of --prime-file, e.g. gb18030. [default: utf-8]")
 @click.option(
     "--length",
     "-n",
@@ -276,33 +206,87 @@ def train(
     is_flag=True,
     help="Leave out prime characters the model never saw, instead of failing.",
 )
-@_user_errors
-def sample(checkpoint: str | None, num_samples: int, **options: Any) -> None:
+@click.option(
+    "--interactive",
+    "-i",
+    is_flag=True,
+    help="Load the model once, then continue each line typed as a prime; :help lists the "
+    "commands that change the options between turns. Ctrl-D ends it.",
+)
+@user_errors
+def sample(
+    checkpoint: str | None,
+    prime: str | None,
+    prime_file: str | None,
+    encoding: str | None,
+    interactive: bool,
+    drop_unknown: bool,
+    **options: Any,
+) -> None:
     """Generate text from a trained model, streaming it as it is produced.
 
     With several samples the first streams and the others follow, separated by a line of dashes.
     """
-    from charlm.sampling import sample_stream
+    from charlm.corpus import read_text
+    from charlm.sampling import Sampler
 
-    texts = [""] * num_samples
-    for pieces in sample_stream(checkpoint, num_samples=num_samples, **options):
+    if sum(given is not None for given in (prime, prime_file)) + interactive > 1:
+        raise CharlmError("give one of --prime, --prime-file and --interactive")
+    if encoding is not None and prime_file is None:
+        raise CharlmError("--encoding applies to --prime-file only")
+    if prime_file is not None:
+        prime = read_text(prime_file, encoding)
+    sampler = Sampler.load(checkpoint)
+    if interactive:
+        _interactive(sampler, drop_unknown, **options)
+        return
+    _print_samples(sampler.stream(prime or "", drop_unknown=drop_unknown, **options))
+
+
+def _print_samples(stream: Iterator[list[str]]) -> None:
+    """Stream the first sample as it comes; print the others after it."""
+    texts: list[str] = []
+    for pieces in stream:
         click.echo(pieces[0], nl=False)
         sys.stdout.flush()
-        texts = [text + piece for text, piece in zip(texts, pieces)]
+        texts = [text + piece for text, piece in zip(texts, pieces)] if texts else pieces
     click.echo()
     for text in texts[1:]:
         click.echo("-" * 40)
         click.echo(text)
 
 
-@main.command()
+def _interactive(sampler: Any, drop_unknown: bool, **options: Any) -> None:
+    """The prompt loop of --interactive (charlm.interactive), on a terminal or piped lines."""
+    from charlm.interactive import Settings, session, terminal_lines
+
+    settings = Settings(**options)
+    # Compile before the first prompt, so that every turn answers at once.
+    for _ in sampler.stream("", length=1, seed=0, num_samples=settings.num_samples):
+        pass
+    terminal = sys.stdin.isatty()
+    if terminal:
+        config = sampler.config
+        click.echo(
+            f"{config.cell.upper()} {config.layers}×{config.hidden_size}, vocabulary "
+            f"{config.vocab_size:,}; {settings.describe()}. :help lists the commands; "
+            "Ctrl-D quits.",
+            err=True,
+        )
+    lines = terminal_lines("> ") if terminal else (line.rstrip("\n") for line in sys.stdin)
+    session(
+        sampler,
+        settings,
+        lines,
+        _print_samples,
+        lambda message: click.echo(message, err=True),
+        drop_unknown=drop_unknown,
+    )
+
+
+@click.command()
 @click.argument("text_file", required=False, type=click.Path(path_type=str))
-@click.option(
-    "--checkpoint",
-    "-c",
-    type=click.Path(),
-    help="Checkpoint file or run directory. [default: the latest run here]",
-)
+@checkpoint_option
 @click.option("--encoding", help="Text encoding of TEXT_FILE. [default: utf-8]")
 @click.option(
     "--chunk-size",
@@ -333,7 +317,7 @@ def sample(checkpoint: str | None, num_samples: int, **options: Any) -> None:
     help="Characters per dynamic-evaluation segment (one step each). [default: 50]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@_user_errors
+@user_errors
 def perplexity(
     text_file: str | None,
     checkpoint: str | None,
@@ -354,7 +338,7 @@ def perplexity(
     from charlm.dynamic import DynamicEvaluation
     from charlm.evaluation import perplexity as score
 
-    options = {"lr": dynamic_lr, "decay": dynamic_decay, "segment_len": segment_len}
+    options: dict[str, Any] = {"lr": dynamic_lr, "decay": dynamic_decay, "segment_len": segment_len}
     given = {name: value for name, value in options.items() if value is not None}
     if given and not dynamic:
         raise CharlmError("--dynamic-lr, --dynamic-decay and --segment-len need --dynamic")
@@ -383,67 +367,3 @@ def perplexity(
             f"{ch!r}×{n}" for ch, n in sorted(result.unknown.items(), key=lambda x: -x[1])[:10]
         )
         click.echo(f"unknown chars:   {sum(result.unknown.values()):,} removed ({listed})")
-
-
-@main.group()
-def corpus() -> None:
-    """The catalog of named corpora: list it, and download or generate a corpus.
-
-    Corpora are kept in $CHARLM_DATA_DIR (default ~/.cache/charlm/corpora). Set
-    CHARLM_CORPUS_MIRROR to a directory or base URL holding NAME.txt files to work offline.
-    """
-
-
-@corpus.command("list")
-@_user_errors_without_jax
-def corpus_list() -> None:
-    """Show the catalog, and which corpora are here (with their sizes)."""
-    from charlm import catalog
-
-    entries = catalog.load_catalog().values()
-    width = max(len(entry.name) for entry in entries) + 2
-    click.echo(f"{'name':<{width}}{'here':<10}{'bytes':>11}  description")
-    for entry in entries:
-        state = catalog.local_state(entry)
-        if state != "missing":
-            size = f"{catalog.local_path(entry.name).stat().st_size:,}"
-        else:
-            size = "generated" if entry.generated else f"{entry.size:,}"
-        about = f"{entry.description} ({entry.language}; {entry.licence})"
-        click.echo(f"{entry.name:<{width}}{state:<10}{size:>11}  {about}")
-    mirror = os.environ.get(catalog.MIRROR_VARIABLE) or "none"
-    click.echo(f"\nkept in {catalog.data_dir()} (${catalog.DATA_DIR_VARIABLE})")
-    click.echo(f"mirror: {mirror} (${catalog.MIRROR_VARIABLE})")
-
-
-@corpus.command("get")
-@click.argument("name")
-@click.option(
-    "--lines", type=click.IntRange(min=1), help="addition only: lines to generate. [default: 50000]"
-)
-@click.option(
-    "--bits", type=click.IntRange(min=1), help="addition only: bits per operand. [default: 8]"
-)
-@click.option(
-    "--seed", type=int, help="addition only: the same seed gives the same file. [default: 0]"
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for the network before giving up.",
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_user_errors_without_jax
-def corpus_get(name: str, timeout: float, quiet: bool, **options: Any) -> None:
-    """Download the catalog corpus NAME, check its sha256, normalise it, check it again and
-    put it in place; or generate it (addition). Prints where it is.
-
-    A corpus already here and intact is kept. Nothing is left behind when a download fails.
-    """
-    from charlm import catalog
-
-    given = {key: value for key, value in options.items() if value is not None}
-    fetched = catalog.get(name, timeout=timeout, progress=not quiet, **given)
-    click.echo(f"{name}: {fetched.path} ({fetched.size:,} bytes, {fetched.origin})")

@@ -1,0 +1,81 @@
+"""What every charlm command shares: duration and rate options, and turning a CharlmError
+into one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from charlm import runtime
+from charlm.errors import CharlmError
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+class Duration(click.ParamType):
+    """A time span such as 90, 90s, 10m or 1h30m, in seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        match = _DURATION.fullmatch(str(value).strip())
+        if not value or not match or not any(match.groups()):
+            self.fail(
+                f"{value!r} is not a duration; write it like 600, 90s, 10m or 1h30m", param, ctx
+            )
+        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+        return hours * 3600 + minutes * 60 + seconds
+
+
+# The model that sample, perplexity and serve use.
+checkpoint_option = click.option(
+    "--checkpoint",
+    "-c",
+    type=click.Path(),
+    help="Checkpoint file or run directory. [default: the latest run here]",
+)
+
+
+def rate_option(flag: str, what: str, default: float) -> Callable[..., Any]:
+    """A probability option in [0, 1), such as a dropout rate. Its default is only stated in
+    the help: TrainConfig holds it, and the CLI does not import it (nor JAX) for --help."""
+    return click.option(
+        flag, type=click.FloatRange(0, 1, max_open=True), help=f"{what} [default: {default:g}]"
+    )
+
+
+def user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
+    """Print a CharlmError as one line and exit 1; never show a traceback for bad input.
+    A command that `compiles` first makes the process settings of `charlm.runtime`; the others
+    (the corpus commands) never import JAX."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            if compiles:
+                runtime.reuse_freed_memory()
+                runtime.enable_compilation_cache()
+            return command(*args, **kwargs)
+        except CharlmError as err:
+            click.echo(f"charlm: error: {err}", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(0)
+        except OSError as err:
+            # A run directory that cannot be made, a full disk, a file that cannot be read.
+            where = f": {err.filename}" if err.filename else ""
+            click.echo(f"charlm: error: {err.strerror or err}{where}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+user_errors_without_jax = functools.partial(user_errors, compiles=False)
