@@ -37,13 +37,41 @@ def write_synced(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _temporary(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old file or the new one, whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path, os.getpid())
     try:
         write_synced(tmp, data)
         replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(targets: list[Path]) -> list[Path]:
+    """Remove the temporary files that `write_atomic` left beside `targets` when its process
+    died mid-write (a crash, SIGKILL), and return them. A temporary file whose process still
+    runs is being written, and is left alone."""
+    removed = []
+    for target in targets:
+        for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+            pid = tmp.name.rpartition("-")[2]
+            if pid.isdigit() and tmp == _temporary(target, int(pid)) and not _running(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed

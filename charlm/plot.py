@@ -3,6 +3,7 @@ display needed). Imported only by `charlm plot`: matplotlib takes a second to im
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from charlm.errors import CharlmError
+from charlm.files import write_atomic
 from charlm.runs import read_metrics, training_seconds
 
 X_AXES = ("step", "time")
@@ -72,13 +74,12 @@ def plot_runs(
     axes.set_title(title or ", ".join(run.name for run in runs))
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    picture = io.BytesIO()
     try:
         # Text stays text in an SVG (searchable and editable), not outlines.
         with plt.rc_context({"svg.fonttype": "none"}):
-            figure.savefig(partial, format=kind)
-        os.replace(partial, output)
+            figure.savefig(picture, format=kind)
     finally:
         plt.close(figure)
-        partial.unlink(missing_ok=True)
+    write_atomic(output, picture.getvalue())
     return output

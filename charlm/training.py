@@ -33,6 +33,7 @@ from charlm.config import DEFAULT_EPOCHS, LENGTH, RESUMABLE, TrainConfig
 from charlm.corpus import BatchStream, Corpus, Vocabulary, load_corpus
 from charlm.errors import CharlmError
 from charlm.evaluation import total_nats, unigram_nats
+from charlm.files import remove_leftovers
 from charlm.step import init_state, learning_rate, make_optimizer, make_train_step, sequence_loss
 
 
@@ -205,6 +206,7 @@ def train(
         precision_note = f"in {precision} (auto: {why})"
     stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
     run_path.mkdir(parents=True, exist_ok=True)
+    leftovers = remove_leftovers([run_path / ckpt.LATEST, run_path / ckpt.BEST])
     # A run limited only by time sets its length from its speed, re-estimated at every
     # evaluation of its first session, so that the learning rate has decayed when the time is
     # up. The decay horizon is fixed once a run starts: a resumed run keeps it.
@@ -256,6 +258,9 @@ def train(
         f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
         f"vocabulary {len(data.vocab):,}; run directory {run_path}"
     )
+
+    for leftover in leftovers:
+        log(f"removed {leftover.name}, a checkpoint left half-written when a run here crashed")
 
     def save(is_best: bool) -> None:
         """Write latest.ckpt (and best.ckpt) atomically, once one forward pass on the next batch

@@ -71,6 +71,29 @@ def test_run_directory_checkpoints_and_metrics(corpus_file: Path):
     assert again.run_dir == Path("runs/mixed-2")
 
 
+def test_a_checkpoint_left_half_written_by_a_crash_is_removed_on_the_next_start(
+    corpus_file: Path, capsys: pytest.CaptureFixture[str]
+):
+    run = charlm.train(str(corpus_file), steps=5, progress=False, **TINY).run_dir
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        crashed = run / f".{ckpt.LATEST}.tmp-{dead.pid}"
+        writing = run / f".{ckpt.BEST}.tmp-{alive.pid}"
+        unrelated = run / f".{ckpt.LATEST}.tmp-notes"
+        for path in (crashed, writing, unrelated):
+            path.write_bytes(b"half a checkpoint")
+        charlm.train(run_dir=run, resume=True, steps=10, progress=True)
+        assert not crashed.exists()
+        assert writing.exists() and unrelated.exists()
+        assert f"removed {crashed.name}, a checkpoint left half-written" in capsys.readouterr().err
+        assert ckpt.load(run / ckpt.LATEST).meta["step"] == 10
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_explicit_run_dir_is_never_overwritten(corpus_file: Path):
     charlm.train(str(corpus_file), run_dir="mine", steps=5, progress=False, **TINY)
     before = (Path("mine") / ckpt.LATEST).read_bytes()
