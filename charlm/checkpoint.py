@@ -121,7 +121,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
     if not path.is_file():
         raise CharlmError(f"no checkpoint at {path}")
     data = path.read_bytes()
-    meta = _checked_meta(data, path)
+    meta = _checked_meta(_header(data, path), path)
     try:
         arrays = safetensors.numpy.load(data)
     except Exception:
@@ -139,9 +139,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         head = f.read(8)
         header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         data = head + f.read(min(header_len, 100_000_000))
-    meta = _checked_meta(data, path)
+    header = _header(data, path)
+    meta = _checked_meta(header, path)
     try:
-        header = json.loads(data[8:])
         ends = [
             entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
         ]
@@ -157,14 +157,23 @@ def _damaged(path: Path) -> CharlmError:
     return CharlmError(f"{path} is not a readable charlm checkpoint (damaged or truncated)")
 
 
-def _checked_meta(data: bytes, path: Path) -> dict[str, Any]:
-    """The metadata in the safetensors header at the start of `data`, upgraded and checked."""
+def _header(data: bytes, path: Path) -> dict[str, Any]:
+    """The safetensors header (a JSON object) at the start of `data`."""
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_len])
-        metadata = header.get("__metadata__") or {}
     except Exception:
         raise _damaged(path) from None
+    if not isinstance(header, dict):
+        raise _damaged(path)
+    return header
+
+
+def _checked_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The charlm metadata in a safetensors header, upgraded and checked."""
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise _damaged(path)
     if metadata.get("format") != FORMAT:
         raise CharlmError(f"{path} is a safetensors file but not a charlm checkpoint")
     version = _format_version(metadata, str(path))

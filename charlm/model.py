@@ -66,6 +66,10 @@ class ModelConfig:
         """How many hidden-sized blocks the cell's matrices have: 4 for the LSTM, 3, 1."""
         return GATES[self.cell]
 
+    def describe(self) -> str:
+        """The cell and the layers' shape, as the log and listings name a model: "LSTM 2×256"."""
+        return f"{self.cell.upper()} {self.layers}×{self.hidden_size}"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

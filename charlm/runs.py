@@ -16,6 +16,7 @@ from typing import Any
 
 from charlm import checkpoint as ckpt
 from charlm.errors import CharlmError
+from charlm.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,6 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
         meta = ckpt.read_meta(run_dir / ckpt.LATEST)
     except CharlmError as err:
         return RunSummary(str(run_dir), latest, problem=str(err))
-    model = meta["model"]
     best = meta.get("best_val_loss")
     try:
         seconds = training_seconds(read_metrics(run_dir))[-1]
@@ -111,7 +111,7 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
         str(run_dir),
         latest,
         corpus=Path(meta["corpus"]["path"]).name,
-        model=f"{model['cell'].upper()} {model['layers']}×{model['hidden_size']}",
+        model=ModelConfig.from_dict(meta["model"]).describe(),
         steps=meta["step"],
         best_val_loss=best,
         best_val_bpc=None if best is None else best / math.log(2),

@@ -231,6 +231,12 @@ class Sampler:
         latest run."""
         return cls(*ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint))))
 
+    def compile(self, num_samples: int = 1) -> None:
+        """Compile the generation loop for `num_samples` samples now, so that the first real
+        call answers at once (an interactive session, a server)."""
+        for _ in self.stream("", length=1, seed=0, num_samples=num_samples):
+            pass
+
     def stream(
         self,
         prime: str = "",

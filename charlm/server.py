@@ -87,8 +87,7 @@ def event(data: dict[str, Any], name: str | None = None) -> str:
 def warm_up(sampler: Sampler) -> None:
     """Compile what the first requests would otherwise wait for (one sample's chunk and
     perplexity's chunk), so that the server is fast from the moment it says it is ready."""
-    for _ in sampler.stream("", length=1, seed=0):
-        pass
+    sampler.compile()
     evaluation.score(sampler.params, sampler.config, np.zeros(2, np.int32), {}, "warm-up")
 
 

@@ -252,8 +252,8 @@ def train(
 
     n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
     log(
-        f"{'resuming' if loaded else 'training'} {config.cell.upper()} {config.layers}×"
-        f"{config.hidden_size} ({n_params:,} parameters) {precision_note} on {data.path} at "
+        f"{'resuming' if loaded else 'training'} {model_config.describe()} "
+        f"({n_params:,} parameters) {precision_note} on {data.path} at "
         f"step {step}: "
         f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
         f"vocabulary {len(data.vocab):,}; run directory {run_path}"

@@ -261,14 +261,12 @@ def _interactive(sampler: Any, drop_unknown: bool, **options: Any) -> None:
     from charlm.interactive import Settings, session, terminal_lines
 
     settings = Settings(**options)
-    # Compile before the first prompt, so that every turn answers at once.
-    for _ in sampler.stream("", length=1, seed=0, num_samples=settings.num_samples):
-        pass
+    sampler.compile(settings.num_samples)
     terminal = sys.stdin.isatty()
     if terminal:
         config = sampler.config
         click.echo(
-            f"{config.cell.upper()} {config.layers}×{config.hidden_size}, vocabulary "
+            f"{config.describe()}, vocabulary "
             f"{config.vocab_size:,}; {settings.describe()}. :help lists the commands; "
             "Ctrl-D quits.",
             err=True,
