@@ -3,10 +3,13 @@
     pip install ".[bench]"            # PyTorch CPU build (torch==2.13.0 on these machines)
     python benchmarks/run.py          # writes benchmarks/RESULTS.md
     python benchmarks/run.py --quick  # fewer steps, for checking that it runs
+    python benchmarks/run.py --emulate-avx2   # as far as software can, an AVX2-only machine
 
 Every speed is reported as a ratio to the reference measured in the same run on the same
 machine; compilation and warm-up are excluded from throughput and reported separately.
 Training speeds are the medians of rounds that measure charlm and the reference in turn.
+RESULTS.md keeps one section per kind of processor (and per emulation): a run replaces the
+section of its own kind and leaves the others, so that no figure is read as another machine's.
 
 The process first makes charlm's malloc setting (`runtime.reuse_freed_memory`, as the CLI
 does), which speeds up PyTorch as much as it speeds up charlm; so the training reference is
@@ -43,6 +46,14 @@ from charlm.step import init_state, make_optimizer, make_train_step
 ROOT = Path(__file__).resolve().parents[1]
 SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"
 CHARLM = [sys.executable, "-m", "charlm"]
+# What limits the code that XLA generates, oneDNN's kernels and PyTorch's own kernels to AVX2.
+# The processor's flags and its caches stay those of the machine: an emulation is not the real
+# processor, and its section says so.
+AVX2_EMULATION = {
+    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,11 @@ class Shape:
         return model.ModelConfig(
             self.vocab, self.cell, self.layers, self.hidden, self.embed, precision=precision
         )
+
+    def recurrent_shapes(self) -> list[tuple[int, int]]:
+        """The recurrent matrices W_h, one per layer: the only products that one stream of
+        evaluation must run one character after another."""
+        return [(self.hidden, model.GATES[self.cell] * self.hidden)] * self.layers
 
     def weight_bytes(self) -> int:
         """Bytes of float32 weights one character reads when sampling: every matrix once."""
@@ -209,6 +225,29 @@ def matvec_bandwidth(size: int = 2048) -> float:
     return 100 * w.nbytes / timed(lambda: jax.block_until_ready(matvec(v, w)), 5)
 
 
+def recurrent_bound(shape: Shape) -> tuple[float, float]:
+    """The bound on one stream's evaluation speed: chars/s = read bandwidth / bytes of the
+    float32 recurrent weights, with the bandwidth measured on matrices of W_h's shapes (so in
+    the cache level they fit in), chained layer after layer as a stream's character is.
+    Returns (bandwidth in bytes/s, bound in chars/s)."""
+    weights = [
+        jax.random.normal(jax.random.key(i), size, jnp.float32) / size[0] ** 0.5
+        for i, size in enumerate(shape.recurrent_shapes())
+    ]
+    nbytes = sum(w.nbytes for w in weights)
+
+    def character(_, h):
+        for w in weights:
+            h = jnp.tanh(h @ w)[:, : shape.hidden]
+        return h
+
+    chain = jax.jit(lambda h: jax.lax.fori_loop(0, 100, character, h))
+    h = jnp.ones((1, shape.hidden), jnp.float32)
+    jax.block_until_ready(chain(h))
+    seconds = timed(lambda: jax.block_until_ready(chain(h)), 5) / 100
+    return nbytes / seconds, 1 / seconds
+
+
 def torch_sample_speed(shape: Shape, batch: int, length: int) -> float:
     """Characters per second of the usual per-character loop under inference_mode, at the
     better of one thread and all threads."""
@@ -323,12 +362,32 @@ def training_peak_memory(corpus: Path, workdir: Path, steps: int) -> float:
     return int(result.stdout.split()[-1]) / 2**20
 
 
+def emulation() -> str | None:
+    """How this process limits the instruction sets, or None when it runs natively."""
+    if all(os.environ.get(key) == value for key, value in AVX2_EMULATION.items()):
+        return "AVX2, emulated with " + ", ".join(f"{k}={v}" for k, v in AVX2_EMULATION.items())
+    return None
+
+
+def processor_kind() -> str:
+    """The section title of this run's results: the processor, its cores and vector
+    extensions, and the emulation if there is one."""
+    emulated = emulation()
+    return hardware.describe_cpu() + (", emulating AVX2 only" if emulated else "")
+
+
 def machine() -> dict[str, str]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
+    flags = hardware.cpu_info()[1]
     return {
-        "machine": hardware.describe_cpu(),
+        "processor": hardware.cpu_info()[0],
+        "extensions": ", ".join(
+            f"{name} {'yes' if any(f in flags for f in names) else 'no'}"
+            for name, names in hardware.EXTENSION_GROUPS.items()
+        ),
+        "measured": emulation() or "natively",
         "device": str(jax.devices()[0].device_kind),
         "date": datetime.date.today().isoformat(),
         "commit": commit or "unknown",
@@ -343,7 +402,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of training measurements")
     parser.add_argument("--reference", choices=SHAPES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="limit XLA, oneDNN and PyTorch to AVX2 (" + ", ".join(AVX2_EMULATION) + ")",
+    )
     args = parser.parse_args()
+    if args.emulate_avx2 and emulation() is None:
+        # The limits must hold before XLA, oneDNN or ATen choose their kernels: start afresh.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_EMULATION})
     if args.reference:
         # The child of torch_train_speed_default_malloc: glibc's defaults, one figure.
         print(torch_train_speed(SHAPES[args.reference], args.steps))
@@ -414,11 +481,13 @@ def main() -> None:
             f"{bandwidth / shape.weight_bytes():,.0f} chars/s",
         )
     tokens = np.random.default_rng(0).integers(0, 4000, 20_000 if not args.quick else 3000)
-    row(
-        "perplexity evaluation M",
-        charlm_eval_speed(SHAPES["M"], tokens),
-        torch_eval_speed(SHAPES["M"], tokens),
-        "chars/s",
+    evaluation = charlm_eval_speed(SHAPES["M"], tokens)
+    row("perplexity evaluation M", evaluation, torch_eval_speed(SHAPES["M"], tokens), "chars/s")
+    recurrent_bandwidth, bound = recurrent_bound(SHAPES["M"])
+    fact(
+        "perplexity evaluation M: bound of recurrent weight bytes per character / bandwidth",
+        f"{bound:,.0f} chars/s ({recurrent_bandwidth / 1e9:,.0f} GB/s); "
+        f"charlm at {evaluation / bound:.0%} of it",
     )
     for (name, precision), seconds in compile_times.items():
         fact(f"compile time of the training step, {name}, {precision}", f"{seconds:.1f} s")
@@ -454,12 +523,32 @@ def main() -> None:
         if reuses_freed_memory
         else "the platform's default"
     )
-    lines = ["# Benchmark results", ""]
+    lines = [f"## {processor_kind()}", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += ["", "| figure | charlm | PyTorch reference | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
+    args.out.write_text(replace_section(old, "\n".join(lines) + "\n"), encoding="utf-8")
+    print(f"wrote the section {processor_kind()!r} of {args.out}")
+
+
+RESULTS_HEADER = """# Benchmark results
+
+One section per kind of processor measured, each from one run of `python benchmarks/run.py`
+(with `--emulate-avx2` where the title says so): a figure holds for the processor and the
+commit that its section names, and ratios are against the reference measured in the same run.
+"""
+
+
+def replace_section(document: str, section: str) -> str:
+    """`document` with the section titled as `section`'s first line replaced by it, or with it
+    added after the others; every other section kept as it was."""
+    title = section.splitlines()[0]
+    parts = ["## " + part for part in document.split("\n## ")[1:]]
+    kept = [part.rstrip("\n") + "\n" for part in parts if part.splitlines()[0] != title]
+    sections = [*kept, section]
+    sections.sort(key=lambda part: "emulating" in part.splitlines()[0])
+    return RESULTS_HEADER + "\n" + "\n".join(sections)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ from typing import Any
 BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 # The vector and matrix extensions that decide how fast matmuls run on x86.
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+# The extensions a benchmark names, yes or no, each with the flags that show it.
+EXTENSION_GROUPS = {
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "AVX-512 BF16": ("avx512_bf16",),
+    "AMX": ("amx_bf16", "amx_tile"),
+}
 # NVIDIA GPUs compute in bfloat16 from Ampere (compute capability 8.0) on.
 BFLOAT16_COMPUTE_CAPABILITY = 8
 
