@@ -46,7 +46,8 @@ from torch.nn import functional as F
 
 from charlm import checkpoint as ckpt
 from charlm import hardware
-from charlm.corpus import Corpus, load_corpus, read_text
+from charlm.corpus import read_text
+from charlm.data import Corpus, load_corpus
 from charlm.evaluation import unigram_nats
 
 ROOT = Path(__file__).resolve().parents[1]

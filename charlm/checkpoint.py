@@ -8,8 +8,9 @@ checks (`charlm.checkpoint_meta`). Arrays are named `group/path/in/pytree`, for 
 `params/layers/0/w_h` or `opt_state/1/0/mu/embed`.
 
 A file of an older format version is upgraded as it is read (`UPGRADES`): version 2 records the
-regularisation options, which version 1 did not have, and `V1_BEHAVIOUR` gives the values that
-behave as version 1 did.
+regularisation options, which version 1 did not have, and version 3 the cap on the held-out
+characters each evaluation reads; `V1_BEHAVIOUR` and `V2_BEHAVIOUR` give the values that behave
+as those versions did.
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the old
 file: a crash at any moment leaves either the old checkpoint or the new one, never a torn file.
@@ -37,7 +38,7 @@ from charlm.errors import CharlmError
 from charlm.files import write_atomic  # part of this module's interface: ckpt.write_atomic
 
 FORMAT = "charlm-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LATEST = "latest.ckpt"
 BEST = "best.ckpt"
 METRICS = "metrics.jsonl"
@@ -62,8 +63,11 @@ V1_BEHAVIOUR: dict[str, dict[str, Any]] = {
         "weight_drop": 0.0,
         "tie_embeddings": False,
         "beta2": 0.999,
+        "val_max_chars": None,
     },
 }
+# Version 3 added `val_max_chars`; version 2 scored the whole held-out split at every evaluation.
+V2_BEHAVIOUR: dict[str, dict[str, Any]] = {"model": {}, "train": {"val_max_chars": None}}
 
 
 @dataclass(frozen=True)
@@ -207,11 +211,11 @@ def _format_version(metadata: Mapping[str, str], source: str) -> int:
     return int(text)
 
 
-def upgrade_v1(meta: Any, source: str) -> Any:
-    """The version-2 document of the version-1 metadata `meta` (of the file `source`): each
-    config field that the config classes have and `meta` lacks, filled from V1_BEHAVIOUR.
-    A field that neither gives raises CharlmError naming it; other faults are left to
-    `checkpoint_meta.validate`."""
+def _filled(meta: Any, source: str, version: int, behaviour: dict[str, dict[str, Any]]) -> Any:
+    """The next version's document of the version-`version` metadata `meta` (of the file
+    `source`): each config field that the config classes have and `meta` lacks, filled from
+    `behaviour`. A field that neither gives raises CharlmError naming it; other faults are
+    left to `checkpoint_meta.validate`."""
     if not isinstance(meta, dict):
         return meta
     upgraded = dict(meta)
@@ -223,18 +227,27 @@ def upgrade_v1(meta: Any, source: str) -> Any:
         for field in dataclasses.fields(cls):
             if field.name in filled:
                 continue
-            if field.name not in V1_BEHAVIOUR[section]:
+            if field.name not in behaviour[section]:
                 raise checkpoint_meta.field_error(
                     source,
                     f"{section}.{field.name}",
-                    "is missing, and charlm.checkpoint.V1_BEHAVIOUR has no version-1 value for it",
+                    f"is missing, and charlm.checkpoint.V{version}_BEHAVIOUR has no "
+                    f"version-{version} value for it",
                 )
-            filled[field.name] = V1_BEHAVIOUR[section][field.name]
+            filled[field.name] = behaviour[section][field.name]
     return upgraded
 
 
+def upgrade_v1(meta: Any, source: str) -> Any:
+    return _filled(meta, source, 1, V1_BEHAVIOUR)
+
+
+def upgrade_v2(meta: Any, source: str) -> Any:
+    return _filled(meta, source, 2, V2_BEHAVIOUR)
+
+
 # The upgrade from each older format version to the next.
-UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1}
+UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1, 2: upgrade_v2}
 
 
 def load_model(checkpoint: Checkpoint) -> tuple[model.Params, model.ModelConfig, Vocabulary]:

@@ -51,6 +51,7 @@ class TrainConfig:
     epochs: float | None = None
     time_budget: float | None = None
     eval_every: int = 500
+    val_max_chars: int | None = 250_000
     log_every: int = 10
 
     def validate(self) -> None:
@@ -59,6 +60,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise CharlmError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.val_max_chars is not None and self.val_max_chars < 2:
+            raise CharlmError("--val-max-chars must be at least 2")
         for name in ("steps", "decay_steps", "epochs", "time_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -90,6 +93,6 @@ class TrainConfig:
 
 
 # Options that may differ when a run is resumed; every other one must match the checkpoint.
-RESUMABLE = {"steps", "epochs", "time_budget", "eval_every", "log_every"}
+RESUMABLE = {"steps", "epochs", "time_budget", "eval_every", "log_every", "val_max_chars"}
 # The options that set a run's length: on resume, those given replace all of the saved ones.
 LENGTH = ("steps", "epochs", "time_budget")

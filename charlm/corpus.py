@@ -1,4 +1,4 @@
-"""Reading a corpus, its character vocabulary, the held-out split and the training batch streams.
+"""Reading a text file, and its character vocabulary.
 
 A token is one Unicode code point, never a byte: 三国演义 has 3,951 of them, tiny-shakespeare 65.
 """
@@ -27,9 +27,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _looks_like_gb18030(data: bytes) -> bool:
+def looks_like_gb18030(data: bytes) -> bool:
+    """Whether `data`, which may end inside a character, reads as mostly Chinese in GB18030."""
     try:
-        text = data.decode("gb18030")
+        text = codecs.getincrementaldecoder("gb18030")().decode(data, final=False)
     except UnicodeDecodeError:
         return False
     cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
@@ -69,7 +70,7 @@ def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
             f"{encoding!r} is not a text encoding; use one such as utf-8 or gb18030"
         ) from None
     except UnicodeDecodeError as err:
-        if encoding is None and _looks_like_gb18030(data):
+        if encoding is None and looks_like_gb18030(data):
             raise CharlmError(
                 f"{path} is not UTF-8 but reads as Chinese in GB18030/GBK; "
                 "run again with --encoding gb18030"
@@ -85,7 +86,7 @@ def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
     return text
 
 
-def _code_points(text: str) -> np.ndarray:
+def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
@@ -97,7 +98,7 @@ class Vocabulary:
 
     @classmethod
     def from_text(cls, text: str) -> Vocabulary:
-        return cls("".join(map(chr, np.unique(_code_points(text)))))
+        return cls("".join(map(chr, np.unique(code_points(text)))))
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -109,8 +110,8 @@ class Vocabulary:
 
     def encode_known(self, text: str) -> tuple[np.ndarray, dict[str, int]]:
         """Tokens of the characters of `text` that are in the vocabulary, and a count of the rest."""
-        table = _code_points(self.chars)
-        points = _code_points(text)
+        table = code_points(self.chars)
+        points = code_points(text)
         index = np.minimum(np.searchsorted(table, points), len(table) - 1)
         known = table[index] == points
         unknown: dict[str, int] = {}
@@ -132,90 +133,3 @@ class Vocabulary:
 
     def decode(self, tokens: np.ndarray) -> str:
         return "".join(self.chars[int(t)] for t in np.asarray(tokens).reshape(-1))
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A text file as tokens, with its provenance and the index where the held-out split begins."""
-
-    path: str
-    sha256: str
-    vocab: Vocabulary
-    tokens: np.ndarray
-    val_fraction: float
-
-    @property
-    def split_index(self) -> int:
-        """Where the held-out split begins: int(n·(1 − f)), the cut nanoGPT makes."""
-        return int(len(self.tokens) * (1.0 - self.val_fraction))
-
-    @property
-    def train_tokens(self) -> np.ndarray:
-        return self.tokens[: self.split_index]
-
-    @property
-    def val_tokens(self) -> np.ndarray:
-        return self.tokens[self.split_index :]
-
-
-def load_corpus(
-    path: str | os.PathLike,
-    *,
-    encoding: str | None = None,
-    val_fraction: float = 0.1,
-    vocab: Vocabulary | None = None,
-) -> Corpus:
-    """Read `path` and tokenise it; the last `val_fraction` of its characters is held out.
-
-    The vocabulary is built from the whole text unless `vocab` is given (as when resuming),
-    in which case a character outside it is an error.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise CharlmError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    text = read_text(path, encoding)
-    if vocab is None:
-        vocab = Vocabulary.from_text(text)
-    else:
-        missing = vocab.unknown(text)
-        if missing:
-            raise CharlmError(
-                f"{path} has characters that the checkpoint's vocabulary lacks: {missing[:40]!r}"
-            )
-    corpus = Corpus(str(path), sha256_file(path), vocab, vocab.encode(text), val_fraction)
-    if val_fraction > 0 and len(corpus.val_tokens) < 2:
-        raise CharlmError(
-            f"{path} is too short to hold out {val_fraction:g} of it for validation "
-            "(fewer than 2 characters); use a longer text or --val-fraction 0"
-        )
-    return corpus
-
-
-class BatchStream:
-    """Contiguous training streams for truncated backpropagation through time.
-
-    The tokens are cut into `batch_size` equal streams laid side by side; step i reads the
-    i-th window of `seq_len` characters of every stream, so the hidden state left by one step
-    is the right state to start the next. When the streams are used up they wrap to the start
-    and `reset` is true: the state must be zeroed. Batches are (batch, time), batch axis first,
-    so that a data-parallel run shards axis 0.
-    """
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int):
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        stream_len = len(tokens) // batch_size
-        self.steps_per_epoch = (stream_len - 1) // seq_len if stream_len > 0 else 0
-        if self.steps_per_epoch < 1:
-            raise CharlmError(
-                f"the training text has {len(tokens):,} characters, too few for one batch of "
-                f"{batch_size} streams of {seq_len + 1} characters; use a smaller --batch-size "
-                "or --seq-len, or a longer text"
-            )
-        self._window = (np.arange(batch_size) * stream_len)[:, None] + np.arange(seq_len + 1)
-
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Inputs and targets, each (batch, seq_len) int32, and whether the state must reset."""
-        position = step % self.steps_per_epoch
-        window = self.tokens[self._window + position * self.seq_len].astype(np.int32)
-        return window[:, :-1], window[:, 1:], position == 0

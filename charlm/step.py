@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -18,8 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from charlm import model
-from charlm.config import TrainConfig
+from charlm.config import DEFAULT_EPOCHS, TrainConfig
 from charlm.loss import head_loss
+from charlm.parallel import DataParallel
 from charlm.regularisation import DropoutMasks, dropout_masks, is_regularised
 
 
@@ -32,6 +35,41 @@ def learning_rate(step: int, config: TrainConfig, decay_steps: int) -> float:
     span = max(decay_steps - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / span, 1.0)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Horizon:
+    """How long a run is (`total` steps) and where its cosine decay ends (`decay_steps`).
+
+    A run of steps or epochs knows both from the start. A run limited only by time trains
+    until the time is up, and its decay horizon is re-estimated from its measured speed at every
+    evaluation of its first session (`refit`), so that the rate has decayed when the time is
+    up. A resumed run keeps the horizon its checkpoint records.
+    """
+
+    UNBOUNDED = sys.maxsize
+
+    total: int
+    decay_steps: int
+    refits: bool
+
+    @classmethod
+    def plan(cls, config: TrainConfig, steps_per_epoch: int, saved: int | None) -> Horizon:
+        """The horizon of a new run, or of a resumed one whose checkpoint saved `saved`."""
+        by_time = config.time_budget is not None and config.steps is None and config.epochs is None
+        total = config.steps or math.ceil((config.epochs or DEFAULT_EPOCHS) * steps_per_epoch)
+        if by_time:
+            total = cls.UNBOUNDED
+        decay_steps = config.decay_steps or (10 * steps_per_epoch if by_time else total)
+        if saved is not None:
+            decay_steps = saved
+        return cls(total, decay_steps, by_time and saved is None and config.decay_steps is None)
+
+    def refit(self, step: int, steps_done: int, elapsed: float, budget: float) -> None:
+        """Aim the decay at the step that `budget` seconds allow, `steps_done` steps having
+        taken `elapsed` seconds (including what evaluations cost)."""
+        if self.refits and steps_done > 0:
+            self.decay_steps = step + max(int((budget - elapsed) / (elapsed / steps_done)), 1)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -96,12 +134,17 @@ def init_state(
     }
 
 
-def make_train_step(config: model.ModelConfig, optimizer: optax.GradientTransformation):
+def make_train_step(
+    config: model.ModelConfig,
+    optimizer: optax.GradientTransformation,
+    parallel: DataParallel | None = None,
+):
     """The compiled step: (state, inputs, targets, reset, lr) -> (state, loss).
 
     `state` is as `init_state` makes it; its buffers are donated, so the caller must use only
     the returned state. `reset` zeroes the carried state first, where the data streams wrap.
-    The loss is that of the parameters before the update.
+    The loss is that of the parameters before the update. With `parallel`, the new state keeps
+    the shardings it names (the carried state split over the devices, the rest replicated).
     """
 
     @partial(jax.jit, donate_argnums=0)
@@ -123,6 +166,10 @@ def make_train_step(config: model.ModelConfig, optimizer: optax.GradientTransfor
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
+        if parallel is not None:
+            new_state = jax.lax.with_sharding_constraint(
+                new_state, parallel.state_shardings(new_state)
+            )
         return new_state, loss
 
     return train_step

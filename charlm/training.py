@@ -1,40 +1,40 @@
 """Training: the loop that feeds the compiled step (`charlm.step`), validates, and checkpoints.
 
-The hidden state carried from one step to the next is part of the checkpoint, with everything
-else the step depends on, so `resume=True` continues a run bit for bit.
+`train` is the loop, top to bottom; `TrainingRun` holds what it works on, one method per
+concern: a step on the devices (`charlm.parallel`), the losses and progress shown
+(`charlm.monitor`), evaluation (`charlm.evaluation.Validation`) and checkpoints
+(`charlm.checkpointing`). The hidden state carried from one step to the next is part of the
+checkpoint, with everything else the step depends on, so `resume=True` continues a run bit
+for bit.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import json
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from charlm import __version__, hardware, model
 from charlm import checkpoint as ckpt
-from charlm.catalog import resolve_corpus
-from charlm.config import DEFAULT_EPOCHS, LENGTH, RESUMABLE, TrainConfig
-from charlm.corpus import BatchStream, Corpus, Vocabulary, load_corpus
-from charlm.errors import CharlmError
-from charlm.evaluation import total_nats, unigram_nats
+from charlm.checkpointing import Checkpointer, TrainingDiverged, restore
+from charlm.config import TrainConfig
+from charlm.data import BatchStream
+from charlm.evaluation import Validation
 from charlm.files import remove_leftovers
-from charlm.step import init_state, learning_rate, make_optimizer, make_train_step, sequence_loss
+from charlm.monitor import Progress, RecentLosses, append_metrics, show_loss
+from charlm.parallel import DataParallel
+from charlm.session import Session, open_session
+from charlm.step import Horizon, init_state, learning_rate, make_optimizer, make_train_step
+
+__all__ = ["TrainResult", "TrainingDiverged", "TrainingRun", "train"]
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,6 @@ class TrainResult:
     val_loss: float | None
     best_val_loss: float | None
     stop: str
-
-
-class TrainingDiverged(CharlmError):
-    """The loss became NaN, infinite, or exploded; the last good checkpoint is kept."""
-
-
-# Validation during training reads the held-out text as this many streams side by side, each
-# from this many characters before the part it scores: several times faster than the one stream
-# of `charlm perplexity`, whose exact score it matches to within 0.1% (see the README).
-VALIDATION_STREAMS = 16
-VALIDATION_OVERLAP = 200
 
 
 @contextmanager
@@ -80,104 +69,129 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _choose_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
-    if run_dir is not None:
-        path = Path(run_dir)
-        if (path / ckpt.LATEST).exists():
-            raise CharlmError(
-                f"{path} already holds a run; continue it with --resume or choose another --run-dir"
-            )
-    else:
-        base = Path("runs") / (Path(corpus_path).stem or "corpus")
-        path, n = base, 2
-        while path.exists():
-            path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
+class TrainingRun:
+    """One session of a training run: its state on the devices, the pieces that watch and keep
+    it, and its losses so far. `started` is when the session began (`time.monotonic`), from
+    which the time budget counts."""
 
-
-def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainConfig:
-    saved = TrainConfig(**loaded.meta["train"])
-    if overrides.get("precision") == "auto":
-        overrides = {name: value for name, value in overrides.items() if name != "precision"}
-    for name, value in overrides.items():
-        if name not in RESUMABLE and getattr(saved, name) != value:
-            raise CharlmError(
-                f"--{name.replace('_', '-')} cannot change when resuming (the run has "
-                f"{getattr(saved, name)!r}); start a new run to change it"
-            )
-    if any(name in overrides for name in LENGTH):
-        cleared: dict[str, Any] = dict.fromkeys(LENGTH)
-        saved = dataclasses.replace(saved, **cleared)
-    return dataclasses.replace(saved, **overrides)
-
-
-def _corpus_meta(corpus: Corpus, encoding: str | None) -> dict[str, Any]:
-    return {
-        "path": str(Path(corpus.path).resolve()),
-        "sha256": corpus.sha256,
-        "encoding": encoding,
-        "characters": len(corpus.tokens),
-        "val_fraction": corpus.val_fraction,
-        "split_index": corpus.split_index,
-    }
-
-
-def _open_run(
-    corpus: str | None,
-    config: TrainConfig | None,
-    run_dir: str | Path | None,
-    resume: bool,
-    overrides: dict[str, Any],
-    progress: bool,
-) -> tuple[TrainConfig, Corpus, Path, ckpt.Checkpoint | None]:
-    """The run's config, corpus and directory, and its latest checkpoint when resuming."""
-    if corpus is not None:
-        corpus = resolve_corpus(corpus, progress=progress)
-    if not resume:
-        if corpus is None:
-            raise CharlmError("give a text file to train on: charlm train FILE")
-        config = dataclasses.replace(config or TrainConfig(), **overrides)
-        config.validate()
-        data = load_corpus(corpus, encoding=config.encoding, val_fraction=config.val_fraction)
-        return config, data, _choose_run_dir(data.path, run_dir), None
-    if config is not None:
-        overrides = {**dataclasses.asdict(config), **overrides}
-    run_path = ckpt.resolve(run_dir).parent
-    loaded = ckpt.load(run_path / ckpt.LATEST)
-    config = _resume_config(loaded, overrides)
-    config.validate()
-    corpus_meta = loaded.meta["corpus"]
-    corpus = corpus or corpus_meta["path"]
-    data = load_corpus(
-        corpus,
-        encoding=config.encoding,
-        val_fraction=config.val_fraction,
-        vocab=Vocabulary(loaded.meta["vocab"]),
-    )
-    if data.sha256 != corpus_meta["sha256"]:
-        raise CharlmError(
-            f"{corpus} is not the text this run was trained on (sha256 differs); "
-            "resume with the original file or start a new run"
+    def __init__(self, session: Session, parallel: DataParallel, progress: bool, started: float):
+        config, data, loaded = session.config, session.data, session.loaded
+        parallel.check_batch_size(config.batch_size)
+        self.session, self.config, self.parallel, self.started = session, config, parallel, started
+        self.stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
+        session.run_path.mkdir(parents=True, exist_ok=True)
+        leftovers = remove_leftovers([session.run_path / ckpt.LATEST, session.run_path / ckpt.BEST])
+        self.horizon = Horizon.plan(
+            config, self.stream.steps_per_epoch, loaded.meta["decay_steps"] if loaded else None
         )
-    return config, data, run_path, loaded
+        self.model_config = config.model_config(len(data.vocab))
+        optimizer = make_optimizer(config)
+        self._train_step = make_train_step(self.model_config, optimizer, parallel)
+        state = init_state(self.model_config, optimizer, config.batch_size, config.seed)
+        self.state = parallel.put_state(restore(state, loaded) if loaded else state)
+        self.step = self.start_step = int(self.state["step"])
+        self.validation = Validation(
+            data.train_tokens, data.val_tokens, len(data.vocab), config.val_max_chars
+        )
+        self.checkpoints = Checkpointer(session, self.model_config, self.stream)
+        self.losses = RecentLosses(config.batch_size * config.seq_len)
+        self.val_loss: float | None = None
+        self.best_val: float | None = loaded.meta.get("best_val_loss") if loaded else None
+        self.eval_seconds = 0.0  # the last evaluation's, kept free at the end of a time budget
+        by_time = self.horizon.total == Horizon.UNBOUNDED
+        total = self.horizon.decay_steps if by_time else self.horizon.total
+        self.progress = Progress(progress, total, self.step)
 
+        n_params = sum(p.size for p in jax.tree.leaves(self.state["params"]))
+        devices = f" on {parallel.size} devices" if parallel.size > 1 else ""
+        self.progress.log(
+            f"{'resuming' if loaded else 'training'} {self.model_config.describe()} "
+            f"({n_params:,} parameters) {session.precision_note}{devices} on {data.path} at "
+            f"step {self.step}: "
+            f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
+            f"vocabulary {len(data.vocab):,}; run directory {session.run_path}"
+        )
+        for leftover in leftovers:
+            self.progress.log(
+                f"removed {leftover.name}, a checkpoint left half-written when a run here crashed"
+            )
 
-def _loss_problem(losses: np.ndarray, vocab_size: int) -> tuple[int, str] | None:
-    """The index and description of the first loss that is NaN, infinite, or above
-    3·ln(V) + 5 nats, far worse than the ln(V) of a uniform guess: a sign of divergence."""
-    uniform = math.log(vocab_size)
-    bad = ~np.isfinite(losses) | (losses > 3 * uniform + 5)
-    if not bad.any():
-        return None
-    index = int(np.argmax(bad))
-    value = losses[index]
-    if not np.isfinite(value):
-        return index, f"became {value}"
-    return index, f"exploded to {value:.3g} nats (a uniform guess scores {uniform:.3g})"
+    def out_of_time(self) -> bool:
+        """Whether the time budget would run out before another evaluation could finish."""
+        budget = self.config.time_budget
+        if not budget:
+            return False
+        return time.monotonic() - self.started + self.eval_seconds > budget
 
+    def train_step(self) -> None:
+        """One update, queued on the devices: nothing waits for it to finish."""
+        inputs, targets, reset = self.stream.batch(self.step)
+        lr = np.float32(learning_rate(self.step, self.config, self.horizon.decay_steps))
+        batch = self.parallel.put_batch(inputs, targets)
+        self.state, loss = self._train_step(self.state, *batch, reset, lr)
+        self.step += 1
+        self.losses.add(loss)
+        self.progress.advance()
 
-def _show(loss: float | None) -> str:
-    return "-" if loss is None else f"{loss:.4f}"
+    def fetch_losses(self) -> None:
+        """Bring the recent losses to the host, and stop if one of them went bad. The loss
+        labelled step s is computed on the parameters after s updates."""
+        losses = self.losses.fetch()
+        self.checkpoints.check("training", losses, self.step - len(losses))
+
+    def show(self) -> None:
+        self.progress.show(self.losses.mean, self.losses.chars_per_sec, self.val_loss)
+
+    def evaluate_and_save(self) -> None:
+        """Score the held-out split, refit the decay horizon of a run limited by time, write
+        the checkpoints and a line of metrics."""
+        self.fetch_losses()
+        eval_start = time.monotonic()
+        step = self.step
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": round(step / self.stream.steps_per_epoch, 4),
+        }
+        val_loss = self.validation.loss(self.state["params"], self.model_config)
+        is_best = val_loss is None
+        if val_loss is not None:
+            # The checkpoint about to be written holds exactly these parameters: vouch for them.
+            self.checkpoints.check("validation", np.array([val_loss]), step)
+            self.val_loss = val_loss
+            is_best = self.best_val is None or val_loss < self.best_val
+            self.best_val = val_loss if is_best else self.best_val
+            record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
+            self.show()
+            baselines = self.validation.baselines
+            self.progress.log(
+                f"step {step}: train loss {show_loss(self.losses.mean)}, val loss "
+                f"{val_loss:.4f} ({val_loss / math.log(2):.3f} bits/char"
+                f"{'; ' + baselines if baselines else ''}){' *best*' if is_best else ''}"
+            )
+        now = time.monotonic()
+        elapsed, self.eval_seconds = now - self.started, now - eval_start
+        if self.config.time_budget is not None:
+            budget = self.config.time_budget - self.eval_seconds
+            self.horizon.refit(step, step - self.start_step, elapsed, budget)
+            if self.horizon.refits:
+                self.progress.set_total(self.horizon.decay_steps)
+        record.update(
+            train_loss=self.losses.mean,
+            lr=learning_rate(step, self.config, self.horizon.decay_steps),
+            chars_per_sec=round(self.losses.chars_per_sec),
+            elapsed=round(elapsed, 2),
+        )
+        self.save(is_best)
+        append_metrics(self.session.run_path, record)
+        self.losses.restart_clock()
+
+    def save(self, is_best: bool) -> None:
+        losses = {
+            "train_loss": self.losses.mean,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val,
+        }
+        self.checkpoints.save(self.state, self.horizon.decay_steps, losses, is_best)
 
 
 def train(
@@ -187,6 +201,7 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    devices: int | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model on `corpus` (a text file, or the name of a catalog corpus, fetched if it
@@ -195,234 +210,45 @@ def train(
     Options are the fields of TrainConfig, given as `config` or as keyword overrides. A new run
     goes to `run_dir` (default runs/<corpus name>, numbered if taken); `resume` continues the
     run in `run_dir`, or the working directory's latest run, from its latest checkpoint.
-    Raises CharlmError for bad input and TrainingDiverged when the loss goes bad.
+    `devices` is how many local devices share each batch (default: all of them); a run may
+    resume on another number. Raises CharlmError for bad input and TrainingDiverged when the
+    loss goes bad.
     """
     started = time.monotonic()
-    config, data, run_path, loaded = _open_run(corpus, config, run_dir, resume, overrides, progress)
-    precision_note = f"in {config.precision}"
-    if config.precision == "auto":
-        precision, why = hardware.auto_precision(jax.devices()[0])
-        config = dataclasses.replace(config, precision=precision)
-        precision_note = f"in {precision} (auto: {why})"
-    stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
-    run_path.mkdir(parents=True, exist_ok=True)
-    leftovers = remove_leftovers([run_path / ckpt.LATEST, run_path / ckpt.BEST])
-    # A run limited only by time sets its length from its speed, re-estimated at every
-    # evaluation of its first session, so that the learning rate has decayed when the time is
-    # up. The decay horizon is fixed once a run starts: a resumed run keeps it.
-    by_time = config.time_budget is not None and config.steps is None and config.epochs is None
-    total = config.steps or math.ceil((config.epochs or DEFAULT_EPOCHS) * stream.steps_per_epoch)
-    if by_time:
-        total = sys.maxsize
-    if loaded is not None:
-        decay_steps = loaded.meta["decay_steps"]
-    else:
-        decay_steps = config.decay_steps or (10 * stream.steps_per_epoch if by_time else total)
-    refit_decay = by_time and loaded is None and config.decay_steps is None
-
-    model_config = config.model_config(len(data.vocab))
-    optimizer = make_optimizer(config)
-    train_step = make_train_step(model_config, optimizer)
-    probe_loss = jax.jit(partial(sequence_loss, config=model_config))
-    state = init_state(model_config, optimizer, config.batch_size, config.seed)
-    best_val = None
-    if loaded is not None:
-        for group in ("params", "opt_state", "carry"):
-            state[group] = jax.device_put(loaded.tree(group, state[group]))
-        state["step"] = jnp.asarray(loaded.meta["step"], jnp.int32)
-        state["rng"] = jax.random.wrap_key_data(jnp.asarray(loaded.arrays["rng"]))
-        best_val = loaded.meta.get("best_val_loss")
-    step = start_step = int(state["step"])
-    saved_step = step if loaded else None
-    train_loss = val_loss = None
-    chars_per_sec = 0.0
-    eval_seconds = 0.0  # the last evaluation's duration, kept free at the end of a time budget
+    session = open_session(corpus, config, run_dir, resume, overrides, progress)
+    run = TrainingRun(session, DataParallel.over(devices), progress, started)
+    every = session.config
     stop = "done"
-
-    # Two losses that a model must beat to have learnt anything, shown beside each validation
-    # loss: a uniform guess, and the training text's character frequencies.
-    baselines = ""
-    if data.val_tokens.size > 1:
-        unigram = unigram_nats(data.train_tokens, data.val_tokens[1:], len(data.vocab))
-        baselines = f"; unigram {unigram:.3f}, uniform {math.log(len(data.vocab)):.3f}"
-
-    def log(message: str) -> None:
-        if progress:
-            tqdm.write(message, file=sys.stderr)
-
-    n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
-    log(
-        f"{'resuming' if loaded else 'training'} {model_config.describe()} "
-        f"({n_params:,} parameters) {precision_note} on {data.path} at "
-        f"step {step}: "
-        f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
-        f"vocabulary {len(data.vocab):,}; run directory {run_path}"
-    )
-
-    for leftover in leftovers:
-        log(f"removed {leftover.name}, a checkpoint left half-written when a run here crashed")
-
-    def save(is_best: bool) -> None:
-        """Write latest.ckpt (and best.ckpt) atomically, once one forward pass on the next batch
-        has shown that these exact parameters are sane."""
-        nonlocal saved_step
-        inputs, targets, reset = stream.batch(step)
-        carry = model.initial_state(model_config, config.batch_size) if reset else state["carry"]
-        loss = probe_loss(state["params"], inputs, targets, carry)[0]
-        stop_if_diverged("training", np.array([float(loss)]), step)
-        arrays = jax.device_get({g: state[g] for g in ("params", "opt_state", "carry")})
-        arrays["rng"] = np.asarray(jax.random.key_data(state["rng"]))
-        meta = {
-            "charlm_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": model_config.to_dict(),
-            "vocab": data.vocab.chars,
-            "train": dataclasses.asdict(config),
-            "step": step,
-            "decay_steps": decay_steps,
-            "epoch": step / stream.steps_per_epoch,
-            "data_position": {
-                "steps_per_epoch": stream.steps_per_epoch,
-                "stream_offset": (step % stream.steps_per_epoch) * config.seq_len,
-            },
-            "corpus": _corpus_meta(data, config.encoding),
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "best_val_loss": best_val,
-        }
-        blob = ckpt.encode(meta, arrays)
-        ckpt.write_atomic(run_path / ckpt.LATEST, blob)
-        if is_best:
-            ckpt.write_atomic(run_path / ckpt.BEST, blob)
-        ckpt.remember_run(run_path)
-        saved_step = step
-
-    pending: list[jax.Array] = []
-    window_start = time.monotonic()
-
-    def stop_if_diverged(kind: str, losses: np.ndarray, first_step: int) -> None:
-        problem = _loss_problem(losses, len(data.vocab))
-        if problem is None:
-            return
-        index, what = problem
-        kept = (
-            f"the last good checkpoint (step {saved_step}) is kept in {run_path}"
-            if saved_step is not None
-            else "no checkpoint had been written yet"
-        )
-        raise TrainingDiverged(
-            f"{kind} loss {what} at step {first_step + index}; training stopped and {kept}; "
-            "lower --lr or --clip-norm and try again"
-        )
-
-    def fetch_losses() -> None:
-        """Bring the losses since the last fetch to the host (the loop's only sync point).
-        The loss labelled step s is computed on the parameters after s updates."""
-        nonlocal pending, train_loss, chars_per_sec, window_start
-        if not pending:
-            return
-        losses = np.asarray(jax.device_get(pending), np.float64)
-        stop_if_diverged("training", losses, step - len(pending))
-        now = time.monotonic()
-        chars_per_sec = len(pending) * config.batch_size * config.seq_len / (now - window_start)
-        window_start = now
-        train_loss = float(losses.mean())
-        pending = []
-
-    def evaluate_and_save() -> None:
-        nonlocal val_loss, best_val, window_start, decay_steps, eval_seconds
-        fetch_losses()
-        eval_start = time.monotonic()
-        record: dict[str, Any] = {"step": step, "epoch": round(step / stream.steps_per_epoch, 4)}
-        is_best = not data.val_tokens.size
-        if data.val_tokens.size:
-            nats, count = total_nats(
-                state["params"],
-                model_config,
-                data.val_tokens,
-                streams=VALIDATION_STREAMS,
-                overlap=VALIDATION_OVERLAP,
-            )
-            # The checkpoint about to be written holds exactly these parameters: vouch for them.
-            stop_if_diverged("validation", np.array([nats / count]), step)
-            val_loss = nats / count
-            is_best = best_val is None or val_loss < best_val
-            best_val = val_loss if is_best else best_val
-            record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
-            show_progress()
-            log(
-                f"step {step}: train loss {_show(train_loss)}, val loss {val_loss:.4f} "
-                f"({val_loss / math.log(2):.3f} bits/char{baselines})"
-                f"{' *best*' if is_best else ''}"
-            )
-        now = time.monotonic()
-        elapsed, eval_seconds = now - started, now - eval_start
-        if refit_decay and step > start_step:
-            assert config.time_budget is not None  # refit_decay means a run limited by time
-            per_step = elapsed / (step - start_step)
-            remaining = config.time_budget - elapsed - eval_seconds
-            decay_steps = step + max(int(remaining / per_step), 1)
-            bar.total = decay_steps
-        record.update(
-            train_loss=train_loss,
-            lr=learning_rate(step, config, decay_steps),
-            chars_per_sec=round(chars_per_sec),
-            elapsed=round(elapsed, 2),
-        )
-        save(is_best)
-        with open(run_path / ckpt.METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        window_start = time.monotonic()
-
-    def show_progress() -> None:
-        postfix = {"loss": _show(train_loss), "chars/s": f"{chars_per_sec:,.0f}"}
-        if val_loss is not None:
-            postfix["val"] = _show(val_loss)
-        bar.set_postfix(postfix, refresh=False)
-
-    bar = tqdm(
-        total=decay_steps if by_time else total,
-        initial=step,
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
     try:
         with _stop_on_interrupt() as interrupted:
-            while step < total:
+            while run.step < run.horizon.total:
                 if interrupted.is_set():
                     stop = "interrupted"
                     break
-                elapsed = time.monotonic() - started
-                if config.time_budget and elapsed + eval_seconds > config.time_budget:
+                if run.out_of_time():
                     stop = "time budget"
                     break
-                inputs, targets, reset = stream.batch(step)
-                lr = np.float32(learning_rate(step, config, decay_steps))
-                state, loss = train_step(state, inputs, targets, reset, lr)
-                step += 1
-                pending.append(loss)
-                bar.update(1)
-                if step % config.log_every == 0:
-                    fetch_losses()
-                if step % config.eval_every == 0:
-                    evaluate_and_save()
-                if step % config.log_every == 0 or step % config.eval_every == 0:
-                    show_progress()
+                run.train_step()
+                if run.step % every.log_every == 0:
+                    run.fetch_losses()
+                if run.step % every.eval_every == 0:
+                    run.evaluate_and_save()
+                if run.step % every.log_every == 0 or run.step % every.eval_every == 0:
+                    run.show()
             if stop == "interrupted":
-                fetch_losses()
-                save(is_best=False)
-            elif saved_step != step:
-                evaluate_and_save()
-                show_progress()
+                run.fetch_losses()
+                run.save(is_best=False)
+            elif run.checkpoints.saved_step != run.step:
+                run.evaluate_and_save()
+                run.show()
     finally:
-        bar.close()
+        run.progress.close()
+    run_path = session.run_path
     if stop == "interrupted":
-        log(
-            f"interrupted at step {step}; saved {run_path / ckpt.LATEST}. "
+        run.progress.log(
+            f"interrupted at step {run.step}; saved {run_path / ckpt.LATEST}. "
             f"Resume with: charlm train --resume --run-dir {run_path}"
         )
     else:
-        log(f"stopped at step {step} ({stop}); checkpoints in {run_path}")
-    return TrainResult(run_path, step, train_loss, val_loss, best_val, stop)
+        run.progress.log(f"stopped at step {run.step} ({stop}); checkpoints in {run_path}")
+    return TrainResult(run_path, run.step, run.losses.mean, run.val_loss, run.best_val, stop)

@@ -376,3 +376,17 @@ def test_version_1_run_samples_scores_and_resumes(corpus_file: Path):
     assert ckpt.load(latest).meta["step"] == 30
     with safetensors.safe_open(latest, "numpy") as f:
         assert f.metadata()["format_version"] == str(ckpt.FORMAT_VERSION)
+
+
+def test_version_2_checkpoint_scores_its_whole_held_out_split_as_it_did(tmp_path: Path):
+    """Version 3 added train.val_max_chars; a version-2 file lacks it and read it as None,
+    the whole split, which is what version 2 evaluated."""
+    meta = run_meta()
+    del meta["train"]["val_max_chars"]
+    loaded = ckpt.load(write(tmp_path / "v2.ckpt", meta, format_version="2"))
+    assert loaded.meta["train"]["val_max_chars"] is None
+    assert loaded.meta == {**meta, "train": {**meta["train"], "val_max_chars": None}}
+    missing = copy.deepcopy(meta)
+    del missing["train"]["lr"]
+    with pytest.raises(CharlmError, match=r"train\.lr is missing, and .*V2_BEHAVIOUR"):
+        ckpt.load(write(tmp_path / "bad.ckpt", missing, format_version="2"))

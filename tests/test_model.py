@@ -14,7 +14,8 @@ import pytest
 
 from charlm import model, products, recurrence, regularisation
 from charlm.config import TrainConfig
-from charlm.corpus import BatchStream, Vocabulary
+from charlm.corpus import Vocabulary
+from charlm.data import BatchStream
 from charlm.loss import head_loss
 from charlm.regularisation import DROPOUTS
 from charlm.step import (

@@ -320,3 +320,22 @@ def test_bfloat16_run_trains_resumes_and_records_its_precision(corpus_file: Path
         charlm.train(str(corpus_file), resume=True, steps=60, **{**options, "precision": "float32"})
     with pytest.raises(CharlmError, match="--precision must be one of auto, float32, bfloat16"):
         charlm.train(str(corpus_file), steps=5, **{**options, "precision": "float16"})
+
+
+def test_each_evaluation_reads_at_most_val_max_chars(corpus_file: Path):
+    """The recorded validation loss is the score of the first --val-max-chars held-out
+    characters, not of the whole split (which is much longer)."""
+    from charlm.data import load_corpus
+    from charlm.evaluation import Validation
+
+    result = charlm.train(str(corpus_file), steps=5, val_max_chars=300, progress=False, **TINY)
+    loaded = ckpt.load(result.run_dir / ckpt.LATEST)
+    params, config, vocab = ckpt.load_model(loaded)
+    data = load_corpus(corpus_file, vocab=vocab)
+    assert len(data.val_tokens) > 3 * 300
+    capped = Validation(data.train_tokens, data.val_tokens, len(vocab), 300)
+    whole = Validation(data.train_tokens, data.val_tokens, len(vocab))
+    assert len(capped.tokens) == 300
+    assert loaded.meta["val_loss"] == pytest.approx(capped.loss(params, config), rel=1e-6)
+    assert loaded.meta["val_loss"] != pytest.approx(whole.loss(params, config), rel=1e-4)
+    assert loaded.meta["train"]["val_max_chars"] == 300

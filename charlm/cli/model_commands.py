@@ -125,14 +125,32 @@ from charlm.errors import CharlmError
     help="Validate and checkpoint every N steps. [default: 500]",
 )
 @click.option(
+    "--val-max-chars",
+    type=click.IntRange(min=2),
+    help="Score at most the first N held-out characters at each evaluation (charlm "
+    "perplexity scores them all). [default: 250000]",
+)
+@click.option(
     "--log-every",
     type=click.IntRange(min=1),
     help="Update the loss shown every N steps. [default: 10]",
 )
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    help="Share each batch over the first N local devices (GPUs, or CPU devices that "
+    "JAX_NUM_CPU_DEVICES makes); 1 turns data parallelism off. A run may resume on another "
+    "number. [default: all]",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @user_errors
 def train(
-    corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, **options: Any
+    corpus: str | None,
+    run_dir: str | None,
+    resume: bool,
+    quiet: bool,
+    devices: int | None,
+    **options: Any,
 ) -> None:
     """Train a model on CORPUS: a text file, or the name of a catalog corpus (charlm corpus
     list), which is downloaded and verified, or generated, first if it is not here yet.
@@ -144,7 +162,9 @@ def train(
     from charlm.training import train as run_training
 
     overrides = {name: value for name, value in options.items() if value is not None}
-    result = run_training(corpus, run_dir=run_dir, resume=resume, progress=not quiet, **overrides)
+    result = run_training(
+        corpus, run_dir=run_dir, resume=resume, progress=not quiet, devices=devices, **overrides
+    )
     if result.stop == "interrupted":
         sys.exit(130)
 

@@ -1,0 +1,147 @@
+"""Opening a training session: a new run, or the run that `--resume` continues.
+
+A session settles what the loop needs before its first step: the run's options (a resumed run
+keeps its own, apart from those that `RESUMABLE` lets change), the corpus (checked to be the
+text the run was trained on), the run directory, the checkpoint to continue from, and the
+precision that `--precision auto` chooses on this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from charlm import checkpoint as ckpt
+from charlm import hardware
+from charlm.catalog import resolve_corpus
+from charlm.config import LENGTH, RESUMABLE, TrainConfig
+from charlm.corpus import Vocabulary
+from charlm.data import Corpus, load_corpus
+from charlm.errors import CharlmError
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a training session works on. `loaded` is the checkpoint it resumes, or None;
+    `precision_note` says which precision trains and, for `auto`, why."""
+
+    config: TrainConfig
+    data: Corpus
+    run_path: Path
+    loaded: ckpt.Checkpoint | None
+    precision_note: str
+
+    @classmethod
+    def start(
+        cls, config: TrainConfig, data: Corpus, run_path: Path, loaded: ckpt.Checkpoint | None
+    ) -> Session:
+        """The session, with `--precision auto` resolved for this machine's first device."""
+        note = f"in {config.precision}"
+        if config.precision == "auto":
+            precision, why = hardware.auto_precision(jax.devices()[0])
+            config = dataclasses.replace(config, precision=precision)
+            note = f"in {precision} (auto: {why})"
+        return cls(config, data, run_path, loaded, note)
+
+
+def _notes(progress: bool) -> Callable[[str], None]:
+    """Where a session's notes go: stderr, unless the run is quiet."""
+    if progress:
+        return lambda message: print(message, file=sys.stderr)
+    return lambda message: None
+
+
+def _choose_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        path = Path(run_dir)
+        if (path / ckpt.LATEST).exists():
+            raise CharlmError(
+                f"{path} already holds a run; continue it with --resume or choose another --run-dir"
+            )
+    else:
+        base = Path("runs") / (Path(corpus_path).stem or "corpus")
+        path, n = base, 2
+        while path.exists():
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainConfig:
+    saved = TrainConfig(**loaded.meta["train"])
+    if overrides.get("precision") == "auto":
+        overrides = {name: value for name, value in overrides.items() if name != "precision"}
+    for name, value in overrides.items():
+        if name not in RESUMABLE and getattr(saved, name) != value:
+            raise CharlmError(
+                f"--{name.replace('_', '-')} cannot change when resuming (the run has "
+                f"{getattr(saved, name)!r}); start a new run to change it"
+            )
+    if any(name in overrides for name in LENGTH):
+        cleared: dict[str, Any] = dict.fromkeys(LENGTH)
+        saved = dataclasses.replace(saved, **cleared)
+    return dataclasses.replace(saved, **overrides)
+
+
+def corpus_meta(corpus: Corpus, encoding: str | None) -> dict[str, Any]:
+    return {
+        "path": str(Path(corpus.path).resolve()),
+        "sha256": corpus.sha256,
+        "encoding": encoding,
+        "characters": len(corpus.tokens),
+        "val_fraction": corpus.val_fraction,
+        "split_index": corpus.split_index,
+    }
+
+
+def open_session(
+    corpus: str | None,
+    config: TrainConfig | None,
+    run_dir: str | Path | None,
+    resume: bool,
+    overrides: dict[str, Any],
+    progress: bool,
+) -> Session:
+    """Open a new run, or the run to resume, from `train`'s arguments (see there)."""
+    if corpus is not None:
+        corpus = resolve_corpus(corpus, progress=progress)
+    if not resume:
+        if corpus is None:
+            raise CharlmError("give a text file to train on: charlm train FILE")
+        config = dataclasses.replace(config or TrainConfig(), **overrides)
+        config.validate()
+        data = load_corpus(
+            corpus,
+            encoding=config.encoding,
+            val_fraction=config.val_fraction,
+            progress=progress,
+            log=_notes(progress),
+        )
+        return Session.start(config, data, _choose_run_dir(data.path, run_dir), None)
+    if config is not None:
+        overrides = {**dataclasses.asdict(config), **overrides}
+    run_path = ckpt.resolve(run_dir).parent
+    loaded = ckpt.load(run_path / ckpt.LATEST)
+    config = _resume_config(loaded, overrides)
+    config.validate()
+    corpus_meta = loaded.meta["corpus"]
+    corpus = corpus or corpus_meta["path"]
+    data = load_corpus(
+        corpus,
+        encoding=config.encoding,
+        val_fraction=config.val_fraction,
+        vocab=Vocabulary(loaded.meta["vocab"]),
+        progress=progress,
+        log=_notes(progress),
+    )
+    if data.sha256 != corpus_meta["sha256"]:
+        raise CharlmError(
+            f"{corpus} is not the text this run was trained on (sha256 differs); "
+            "resume with the original file or start a new run"
+        )
+    return Session.start(config, data, run_path, loaded)
