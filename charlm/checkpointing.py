@@ -17,6 +17,7 @@ from charlm import __version__, model
 from charlm import checkpoint as ckpt
 from charlm.data import BatchStream
 from charlm.errors import CharlmError
+from charlm.parallel import DataParallel
 from charlm.session import Session, corpus_meta
 from charlm.step import sequence_loss
 
@@ -44,8 +45,15 @@ class Checkpointer:
     on the next batch has shown that the parameters about to be saved are sane; remembers the
     step of the last one written, which a divergence message names."""
 
-    def __init__(self, session: Session, model_config: model.ModelConfig, stream: BatchStream):
+    def __init__(
+        self,
+        session: Session,
+        model_config: model.ModelConfig,
+        stream: BatchStream,
+        parallel: DataParallel,
+    ):
         self.session = session
+        self.parallel = parallel
         self.model_config = model_config
         self.stream = stream
         self.saved_step: int | None = session.loaded.meta["step"] if session.loaded else None
@@ -71,17 +79,32 @@ class Checkpointer:
         self, state: dict[str, Any], decay_steps: int, losses: dict[str, Any], is_best: bool
     ) -> None:
         """Write `state` at its step, with `losses` (train_loss, val_loss, best_val_loss) and
-        the decay horizon in its metadata."""
-        config, data = self.session.config, self.session.data
+        the decay horizon in its metadata. Every process of a run calls it: they gather the
+        state, process 0 alone writes, and none goes on before the files are whole."""
+        config = self.session.config
         step = int(state["step"])
+        groups = {g: state[g] for g in ("params", "opt_state", "carry")}
+        arrays = self.parallel.to_host({**groups, "rng": jax.random.key_data(state["rng"])})
         inputs, targets, reset = self.stream.batch(step)
-        carry = state["carry"]
+        carry = arrays["carry"]
         if reset:
             carry = model.initial_state(self.model_config, config.batch_size)
-        loss = self._probe_loss(state["params"], inputs, targets, carry)[0]
+        loss = self._probe_loss(arrays["params"], inputs, targets, carry)[0]
         self.check("training", np.array([float(loss)]), step)
-        arrays = jax.device_get({g: state[g] for g in ("params", "opt_state", "carry")})
-        arrays["rng"] = np.asarray(jax.random.key_data(state["rng"]))
+        if self.parallel.is_main:
+            self._write(arrays, step, decay_steps, losses, is_best)
+        self.parallel.barrier(f"checkpoint at step {step}")
+        self.saved_step = step
+
+    def _write(
+        self,
+        arrays: dict[str, Any],
+        step: int,
+        decay_steps: int,
+        losses: dict[str, Any],
+        is_best: bool,
+    ) -> None:
+        config, data = self.session.config, self.session.data
         steps_per_epoch = self.stream.steps_per_epoch
         meta = {
             "charlm_version": __version__,
@@ -105,7 +128,6 @@ class Checkpointer:
         if is_best:
             ckpt.write_atomic(run_path / ckpt.BEST, blob)
         ckpt.remember_run(run_path)
-        self.saved_step = step
 
 
 def restore(state: dict[str, Any], loaded: ckpt.Checkpoint) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 from charlm.errors import CharlmError
 
 _BINARY_PROBE_BYTES = 1 << 16
+# Bytes of a file decoded at a time: what bounds the memory of reading a text in blocks.
+BLOCK_BYTES = 1 << 22
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -37,25 +40,71 @@ def looks_like_gb18030(data: bytes) -> bool:
     return cjk >= 0.3 * max(1, len(text.strip()))
 
 
-def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
-    """Read a text file as UTF-8 (or `encoding`), drop a byte-order mark and turn CRLF into LF.
+def codec_name(encoding: str | None) -> str:
+    """Python's canonical name of the text encoding `encoding` (UTF-8 when None)."""
+    try:
+        info = codecs.lookup(encoding or "utf-8")
+    except LookupError:
+        raise CharlmError(
+            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8 or gb18030"
+        ) from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise CharlmError(f"{encoding!r} is not a text encoding; use one such as utf-8 or gb18030")
+    return info.name
 
-    Raises CharlmError with one actionable line for a missing path, a directory, an empty
-    or binary file, and bytes that do not decode.
-    """
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """`path`, if it names a file; one CharlmError line if it is missing or a directory."""
     path = Path(path)
     if not path.exists():
         raise CharlmError(f"no such file: {path}")
     if path.is_dir():
         raise CharlmError(f"{path} is a directory; give the path of a text file")
-    name = encoding or "utf-8"
-    try:
-        codec = codecs.lookup(name).name
-    except LookupError:
-        raise CharlmError(
-            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8 or gb18030"
-        ) from None
-    data = path.read_bytes()
+    return path
+
+
+def text_blocks(
+    path: str | os.PathLike,
+    encoding: str | None = None,
+    on_read: Callable[[int], object] = lambda size: None,
+) -> Iterator[str]:
+    """The text of a file as UTF-8 (or `encoding`), with its byte-order mark dropped and CRLF
+    turned into LF, decoded `BLOCK_BYTES` at a time (`on_read` is told each block's size), so
+    that a file of any size can be read in bounded memory.
+
+    Raises CharlmError with one actionable line for a missing path, a directory, an empty or
+    binary file, and bytes that do not decode (naming their offset in the file).
+    """
+    path = existing_file(path)
+    codec = codec_name(encoding)
+    decoder = codecs.getincrementaldecoder(codec)()
+    offset, started, held_cr = 0, False, ""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(BLOCK_BYTES)
+            final = not data
+            if offset == 0:
+                _check_start(path, data, codec)
+            buffered = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final)
+            except UnicodeDecodeError as err:
+                at = offset - buffered + err.start
+                raise _undecodable(path, encoding, data, at) from None
+            if not started and text:
+                text, started = text.removeprefix("\ufeff"), True
+            text = held_cr + text
+            held_cr = "\r" if text.endswith("\r") and not final else ""
+            text = text[: len(text) - len(held_cr)].replace("\r\n", "\n")
+            offset += len(data)
+            on_read(len(data))
+            if text:
+                yield text
+            if final:
+                return
+
+
+def _check_start(path: Path, data: bytes, codec: str) -> None:
     if not data:
         raise CharlmError(f"{path} is empty; give a file with some text in it")
     if b"\x00" in data[:_BINARY_PROBE_BYTES] and not codec.startswith(("utf-16", "utf-32")):
@@ -63,24 +112,27 @@ def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
             f"{path} looks like a binary file (it contains NUL bytes), not text; "
             "if it is UTF-16 text, pass --encoding utf-16"
         )
-    try:
-        text = data.decode(name)
-    except LookupError:
-        raise CharlmError(
-            f"{encoding!r} is not a text encoding; use one such as utf-8 or gb18030"
-        ) from None
-    except UnicodeDecodeError as err:
-        if encoding is None and looks_like_gb18030(data):
-            raise CharlmError(
-                f"{path} is not UTF-8 but reads as Chinese in GB18030/GBK; "
-                "run again with --encoding gb18030"
-            ) from None
-        raise CharlmError(
-            f"{path} is not valid {name}: undecodable byte 0x{data[err.start]:02x} at offset "
-            f"{err.start}; if the file uses another encoding, pass it with --encoding "
-            "(for example --encoding gb18030 or --encoding latin-1)"
-        ) from None
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def _undecodable(path: Path, encoding: str | None, block: bytes, offset: int) -> CharlmError:
+    if encoding is None and offset < BLOCK_BYTES and looks_like_gb18030(block):
+        return CharlmError(
+            f"{path} is not UTF-8 but reads as Chinese in GB18030/GBK; "
+            "run again with --encoding gb18030"
+        )
+    with open(path, "rb") as f:
+        f.seek(offset)
+        byte = f.read(1)
+    return CharlmError(
+        f"{path} is not valid {encoding or 'utf-8'}: undecodable byte 0x{byte.hex()} at offset "
+        f"{offset}; if the file uses another encoding, pass it with --encoding "
+        "(for example --encoding gb18030 or --encoding latin-1)"
+    )
+
+
+def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
+    """The whole text of a file, read as `text_blocks` reads it."""
+    text = "".join(text_blocks(path, encoding))
     if not text:
         raise CharlmError(f"{path} holds no text after its byte-order mark")
     return text

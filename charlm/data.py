@@ -100,8 +100,9 @@ class BatchStream:
             )
         self._window = (np.arange(batch_size) * stream_len)[:, None] + np.arange(seq_len + 1)
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Inputs and targets, each (batch, seq_len) int32, and whether the state must reset."""
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Inputs and targets, each (batch, seq_len) int32, and whether the state must reset;
+        with `rows`, only those streams' (the rest of the text is not read)."""
         position = step % self.steps_per_epoch
-        window = self.tokens[self._window + position * self.seq_len].astype(np.int32)
+        window = self.tokens[self._window[rows] + position * self.seq_len].astype(np.int32)
         return window[:, :-1], window[:, 1:], position == 0

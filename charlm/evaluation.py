@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -22,7 +23,7 @@ import optax
 
 from charlm import checkpoint as ckpt
 from charlm import model
-from charlm.corpus import read_text, sha256_file
+from charlm.corpus import Vocabulary, sha256_file, text_blocks
 from charlm.data import load_corpus
 from charlm.dynamic import DynamicEvaluation, DynamicScore, dynamic_nats
 from charlm.errors import CharlmError
@@ -221,9 +222,22 @@ def perplexity(
         tokens, unknown = data.tokens[corpus["split_index"] :], dict[str, int]()
         source = f"{path} (held-out last {corpus['val_fraction']:g})"
     else:
-        tokens, unknown = vocab.encode_known(read_text(text_file, encoding))
+        tokens, unknown = _known_tokens(vocab, text_file, encoding)
         source = str(text_file)
     return score(params, config, tokens, unknown, source, chunk_size=chunk_size, dynamic=dynamic)
+
+
+def _known_tokens(
+    vocab: Vocabulary, text_file: str | os.PathLike, encoding: str | None
+) -> tuple[np.ndarray, dict[str, int]]:
+    """`Vocabulary.encode_known` of a file's text, read a block at a time: the tokens are held,
+    never the whole text."""
+    parts, unknown = [], Counter[str]()
+    for block in text_blocks(text_file, encoding):
+        known, missing = vocab.encode_known(block)
+        parts.append(known)
+        unknown.update(missing)
+    return np.concatenate(parts or [np.zeros(0, vocab.dtype)]), dict(unknown)
 
 
 def score(

@@ -22,6 +22,7 @@ from charlm import checkpoint as ckpt
 from charlm import model
 from charlm.corpus import Vocabulary
 from charlm.errors import CharlmError
+from charlm.parallel import DataParallel
 
 DEFAULT_CHUNK = 64
 
@@ -126,17 +127,25 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    parallel: DataParallel | None = None,
 ) -> Iterator[np.ndarray]:
     """Read `context` (tokens), then yield the next `length` tokens of each sample as arrays
     (num_samples, n), chunk by chunk. `context` is one prime (n,) that every sample shares or
     one prime per sample (num_samples, n), all of the same length. With an empty context the
-    first character is drawn uniformly."""
+    first character is drawn uniformly.
+
+    The samples are spread over the devices of `parallel` (default: every local device) when
+    their number divides by the devices'; each device runs its own samples' loops."""
     if length == 0:
         return
     config = model.for_one_stream(config)
     state = model.initial_state(config, num_samples)
     logits = jnp.zeros((num_samples, config.vocab_size), jnp.float32)
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_samples))
+    parallel = parallel or DataParallel.over()
+    if parallel.size > 1 and num_samples % parallel.size == 0:
+        params = jax.device_put(params, parallel.replicated)
+        state, logits, sample_keys = jax.device_put((state, logits, sample_keys), parallel.batch)
     options = (
         jnp.float32(temperature),
         jnp.int32(top_k),

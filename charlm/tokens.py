@@ -13,35 +13,38 @@ partial token file.
 
 from __future__ import annotations
 
-import codecs
 import errno
 import hashlib
 import json
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from charlm.corpus import Vocabulary, code_points, looks_like_gb18030, sha256_file
+from charlm.corpus import (
+    BLOCK_BYTES,
+    Vocabulary,
+    code_points,
+    codec_name,
+    existing_file,
+    sha256_file,
+    text_blocks,
+)
 from charlm.errors import CharlmError
 from charlm.files import cache_dir, replace_durably
 
 MAGIC = b"CHARLMTK"
 VERSION = 1
 ALIGN = 64
-# Bytes of the corpus decoded at a time: what bounds the memory of tokenizing (a block's text,
-# its code points and its tokens, about 20 bytes a character at most).
-BLOCK_BYTES = 1 << 22
 # Unicode's code space: a table over it maps a code point to its token in one gather.
 CODE_POINTS = 0x110000
 # Files at least this large show a progress bar while they are tokenized.
 PROGRESS_BYTES = 32 << 20
-_BINARY_PROBE_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -58,19 +61,6 @@ def token_path(corpus_sha256: str, codec: str) -> Path:
     return cache_dir() / "tokens" / f"{corpus_sha256}-{codec}.tokens"
 
 
-def codec_name(encoding: str | None) -> str:
-    """Python's canonical name of `encoding` (UTF-8 when None); one line if there is none."""
-    try:
-        info = codecs.lookup(encoding or "utf-8")
-    except LookupError:
-        raise CharlmError(
-            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8 or gb18030"
-        ) from None
-    if not getattr(info, "_is_text_encoding", True):
-        raise CharlmError(f"{encoding!r} is not a text encoding; use one such as utf-8 or gb18030")
-    return info.name
-
-
 def open_tokens(
     path: str | os.PathLike,
     encoding: str | None = None,
@@ -80,11 +70,7 @@ def open_tokens(
 ) -> TokenFile:
     """The token file of the corpus at `path`, built first if the cache has none or has one
     that fails its checks (`log` says why it was rebuilt)."""
-    path = Path(path)
-    if not path.exists():
-        raise CharlmError(f"no such file: {path}")
-    if path.is_dir():
-        raise CharlmError(f"{path} is a directory; give the path of a text file")
+    path = existing_file(path)
     codec = codec_name(encoding)
     digest = sha256_file(path)
     target = token_path(digest, codec)
@@ -157,8 +143,10 @@ def write_token_file(
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         present = np.zeros(CODE_POINTS, bool)
-        for points in _code_point_blocks(corpus, encoding, bar):
-            present[points] = True
+        for text in text_blocks(corpus, encoding, bar.update):
+            present[code_points(text)] = True
+        if not present.any():
+            raise CharlmError(f"{corpus} holds no text after its byte-order mark")
         seen = np.flatnonzero(present)
         vocab = Vocabulary("".join(map(chr, seen)))
         token_of = np.zeros(CODE_POINTS, vocab.dtype.newbyteorder("<"))
@@ -178,8 +166,8 @@ def write_token_file(
             width = len(_header_json({**header, "count": 10**19}))
             out.write(_header_block(_header_json(header), width))
             digest, count = hashlib.sha256(), 0
-            for points in _code_point_blocks(corpus, encoding, bar):
-                tokens = token_of[points]
+            for text in text_blocks(corpus, encoding, bar.update):
+                tokens = token_of[code_points(text)]
                 digest.update(tokens.data)
                 out.write(tokens.data)
                 count += len(tokens)
@@ -214,62 +202,3 @@ def _header_block(raw: bytes, width: int) -> bytes:
     to the 64-byte boundary where the tokens begin."""
     raw = raw.ljust(width, b" ")
     return (MAGIC + struct.pack("<I", len(raw)) + raw).ljust(_data_offset(len(raw)), b"\0")
-
-
-def _code_point_blocks(corpus: Path, encoding: str | None, bar: tqdm) -> Iterator[np.ndarray]:
-    """The code points of the corpus's text, as `read_text` would give it (byte-order mark
-    dropped, CRLF as LF), block by block; one CharlmError line for what does not decode."""
-    name = codec_name(encoding)
-    decoder = codecs.getincrementaldecoder(name)()
-    offset, started, held_cr = 0, False, ""
-    with open(corpus, "rb") as f:
-        while True:
-            data = f.read(BLOCK_BYTES)
-            final = not data
-            if offset == 0:
-                _check_start(corpus, data, name)
-            buffered = len(decoder.getstate()[0])
-            try:
-                text = decoder.decode(data, final)
-            except UnicodeDecodeError as err:
-                at = offset - buffered + err.start
-                raise _undecodable(corpus, encoding, name, data, at) from None
-            if not started and text:
-                text, started = text.removeprefix("\ufeff"), True
-            text = held_cr + text
-            held_cr = "\r" if text.endswith("\r") and not final else ""
-            text = text[: len(text) - len(held_cr)].replace("\r\n", "\n")
-            offset += len(data)
-            bar.update(len(data))
-            if text:
-                yield code_points(text)
-            if final:
-                return
-
-
-def _check_start(corpus: Path, data: bytes, codec: str) -> None:
-    if not data:
-        raise CharlmError(f"{corpus} is empty; give a file with some text in it")
-    if b"\x00" in data[:_BINARY_PROBE_BYTES] and not codec.startswith(("utf-16", "utf-32")):
-        raise CharlmError(
-            f"{corpus} looks like a binary file (it contains NUL bytes), not text; "
-            "if it is UTF-16 text, pass --encoding utf-16"
-        )
-
-
-def _undecodable(
-    corpus: Path, encoding: str | None, codec: str, block: bytes, offset: int
-) -> CharlmError:
-    if encoding is None and offset < BLOCK_BYTES and looks_like_gb18030(block):
-        return CharlmError(
-            f"{corpus} is not UTF-8 but reads as Chinese in GB18030/GBK; "
-            "run again with --encoding gb18030"
-        )
-    with open(corpus, "rb") as f:
-        f.seek(offset)
-        byte = f.read(1)
-    return CharlmError(
-        f"{corpus} is not valid {encoding or 'utf-8'}: undecodable byte 0x{byte.hex()} at offset "
-        f"{offset}; if the file uses another encoding, pass it with --encoding "
-        "(for example --encoding gb18030 or --encoding latin-1)"
-    )

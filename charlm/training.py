@@ -24,9 +24,11 @@ import jax
 import numpy as np
 
 from charlm import checkpoint as ckpt
+from charlm import cluster
 from charlm.checkpointing import Checkpointer, TrainingDiverged, restore
 from charlm.config import TrainConfig
 from charlm.data import BatchStream
+from charlm.errors import CharlmError
 from charlm.evaluation import Validation
 from charlm.files import remove_leftovers
 from charlm.monitor import Progress, RecentLosses, append_metrics, show_loss
@@ -79,8 +81,12 @@ class TrainingRun:
         parallel.check_batch_size(config.batch_size)
         self.session, self.config, self.parallel, self.started = session, config, parallel, started
         self.stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
-        session.run_path.mkdir(parents=True, exist_ok=True)
-        leftovers = remove_leftovers([session.run_path / ckpt.LATEST, session.run_path / ckpt.BEST])
+        self.rows = parallel.local_rows(config.batch_size)
+        leftovers = []
+        if parallel.is_main:
+            session.run_path.mkdir(parents=True, exist_ok=True)
+            run_files = [session.run_path / ckpt.LATEST, session.run_path / ckpt.BEST]
+            leftovers = remove_leftovers(run_files)
         self.horizon = Horizon.plan(
             config, self.stream.steps_per_epoch, loaded.meta["decay_steps"] if loaded else None
         )
@@ -93,17 +99,19 @@ class TrainingRun:
         self.validation = Validation(
             data.train_tokens, data.val_tokens, len(data.vocab), config.val_max_chars
         )
-        self.checkpoints = Checkpointer(session, self.model_config, self.stream)
+        self.checkpoints = Checkpointer(session, self.model_config, self.stream, parallel)
         self.losses = RecentLosses(config.batch_size * config.seq_len)
         self.val_loss: float | None = None
         self.best_val: float | None = loaded.meta.get("best_val_loss") if loaded else None
         self.eval_seconds = 0.0  # the last evaluation's, kept free at the end of a time budget
         by_time = self.horizon.total == Horizon.UNBOUNDED
         total = self.horizon.decay_steps if by_time else self.horizon.total
-        self.progress = Progress(progress, total, self.step)
+        self.progress = Progress(progress and parallel.is_main, total, self.step)
 
         n_params = sum(p.size for p in jax.tree.leaves(self.state["params"]))
         devices = f" on {parallel.size} devices" if parallel.size > 1 else ""
+        if parallel.processes > 1:
+            devices += f" of {parallel.processes} processes"
         self.progress.log(
             f"{'resuming' if loaded else 'training'} {self.model_config.describe()} "
             f"({n_params:,} parameters) {session.precision_note}{devices} on {data.path} at "
@@ -116,18 +124,28 @@ class TrainingRun:
                 f"removed {leftover.name}, a checkpoint left half-written when a run here crashed"
             )
 
-    def out_of_time(self) -> bool:
-        """Whether the time budget would run out before another evaluation could finish."""
-        budget = self.config.time_budget
-        if not budget:
-            return False
-        return time.monotonic() - self.started + self.eval_seconds > budget
+    def should_stop(self, interrupted: bool) -> str | None:
+        """Why the run must stop before its next step ("interrupted", "time budget"), or
+        None. The processes of a run must stop together: they follow process 0, which they
+        ask at every --log-every step."""
+        reason = None
+        if interrupted:
+            reason = "interrupted"
+        elif self.config.time_budget:
+            spent = time.monotonic() - self.started + self.eval_seconds
+            reason = "time budget" if spent > self.config.time_budget else None
+        if self.parallel.processes == 1:
+            return reason
+        if self.step % self.config.log_every:
+            return None
+        reasons = [None, "interrupted", "time budget"]
+        return reasons[self.parallel.agree(reasons.index(reason))]
 
     def train_step(self) -> None:
         """One update, queued on the devices: nothing waits for it to finish."""
-        inputs, targets, reset = self.stream.batch(self.step)
+        inputs, targets, reset = self.stream.batch(self.step, self.rows)
         lr = np.float32(learning_rate(self.step, self.config, self.horizon.decay_steps))
-        batch = self.parallel.put_batch(inputs, targets)
+        batch = self.parallel.put_batch(self.config.batch_size, inputs, targets)
         self.state, loss = self._train_step(self.state, *batch, reset, lr)
         self.step += 1
         self.losses.add(loss)
@@ -152,7 +170,10 @@ class TrainingRun:
             "step": step,
             "epoch": round(step / self.stream.steps_per_epoch, 4),
         }
-        val_loss = self.validation.loss(self.state["params"], self.model_config)
+        # Every process scores the same parameters alone, and gets the same loss.
+        val_loss = self.validation.loss(
+            self.parallel.local(self.state["params"]), self.model_config
+        )
         is_best = val_loss is None
         if val_loss is not None:
             # The checkpoint about to be written holds exactly these parameters: vouch for them.
@@ -173,6 +194,7 @@ class TrainingRun:
         if self.config.time_budget is not None:
             budget = self.config.time_budget - self.eval_seconds
             self.horizon.refit(step, step - self.start_step, elapsed, budget)
+            self.horizon.decay_steps = self.parallel.agree(self.horizon.decay_steps)
             if self.horizon.refits:
                 self.progress.set_total(self.horizon.decay_steps)
         record.update(
@@ -182,7 +204,8 @@ class TrainingRun:
             elapsed=round(elapsed, 2),
         )
         self.save(is_best)
-        append_metrics(self.session.run_path, record)
+        if self.parallel.is_main:
+            append_metrics(self.session.run_path, record)
         self.losses.restart_clock()
 
     def save(self, is_best: bool) -> None:
@@ -218,15 +241,13 @@ def train(
     session = open_session(corpus, config, run_dir, resume, overrides, progress)
     run = TrainingRun(session, DataParallel.over(devices), progress, started)
     every = session.config
-    stop = "done"
+    stop: str = "done"
     try:
         with _stop_on_interrupt() as interrupted:
             while run.step < run.horizon.total:
-                if interrupted.is_set():
-                    stop = "interrupted"
-                    break
-                if run.out_of_time():
-                    stop = "time budget"
+                reason = run.should_stop(interrupted.is_set())
+                if reason is not None:
+                    stop = reason
                     break
                 run.train_step()
                 if run.step % every.log_every == 0:
@@ -241,6 +262,11 @@ def train(
             elif run.checkpoints.saved_step != run.step:
                 run.evaluate_and_save()
                 run.show()
+    except jax.errors.JaxRuntimeError as err:
+        if run.parallel.processes == 1:
+            raise
+        # A collective that a lost process never joins fails in every process left.
+        raise CharlmError(cluster.lost(err, run.checkpoints.saved_step, session.run_path)) from None
     finally:
         run.progress.close()
     run_path = session.run_path

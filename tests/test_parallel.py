@@ -44,7 +44,21 @@ session = open_session(corpus, None, f"{out}/look", False, options, False)
 run = TrainingRun(session, DataParallel.over(2), False, time.monotonic())
 run.train_step()
 carry, params = run.state["carry"][0][0], run.state["params"]["head"]["b"]
+
+import jax, numpy as np
+from charlm import checkpoint as ckpt
+from charlm.sampling import generate
+model = ckpt.load_model(ckpt.load(f"{out}/on-1/latest.ckpt"))[:2]
+samples = {
+    devices: np.concatenate(list(generate(
+        *model, np.zeros(1, np.int32), 60, jax.random.key(3), num_samples=4,
+        parallel=DataParallel.over(devices),
+    )), axis=1).tolist()
+    for devices in (1, 2, 4)
+}
 print(json.dumps({
+    "samples_alike": samples[1] == samples[2] == samples[4],
+    "samples_differ": len({tuple(s) for s in samples[1]}) == 4,
     "carry_devices": len(carry.sharding.device_set),
     "carry_rows_per_device": carry.addressable_shards[0].data.shape[0],
     "params_replicated": params.sharding.is_fully_replicated,
@@ -102,8 +116,11 @@ def test_training_on_several_devices_gives_the_parameters_of_one(trained, device
 
 
 def test_the_state_is_split_over_the_devices_and_the_parameters_replicated(trained):
+    """Also: four samples drawn on 1, 2 and 4 devices are the same four texts."""
     _, layout = trained
     assert layout == {
+        "samples_alike": True,
+        "samples_differ": True,
         "carry_devices": 2,
         "carry_rows_per_device": 4,
         "params_replicated": True,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import mixed_text
 
-from charlm import tokens
+from charlm import corpus, tokens
 from charlm.corpus import Vocabulary, read_text
 from charlm.errors import CharlmError
 
@@ -26,7 +26,10 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def in_memory(path: Path, encoding: str | None = None) -> tuple[Vocabulary, np.ndarray]:
-    text = read_text(path, encoding)
+    """The vocabulary and tokens of the whole file decoded at once, as charlm read texts
+    before it read them in blocks."""
+    text = path.read_bytes().decode(encoding or "utf-8").removeprefix("\ufeff")
+    text = text.replace("\r\n", "\n")
     vocab = Vocabulary.from_text(text)
     return vocab, vocab.encode(text)
 
@@ -46,7 +49,7 @@ def test_blocks_that_split_characters_and_line_ends_change_nothing(
 ):
     """A block boundary may fall inside a multi-byte character or between CR and LF; the
     byte-order mark is dropped only at the start, as `read_text` does."""
-    monkeypatch.setattr(tokens, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(corpus, "BLOCK_BYTES", 7)
     text = "\ufeff出战 the army\r\nrides 天下\r\r\n\r\nend\r"
     if encoding == "gb18030":
         text = text.removeprefix("\ufeff")
@@ -56,6 +59,7 @@ def test_blocks_that_split_characters_and_line_ends_change_nothing(
     vocab, expected = in_memory(path, encoding)
     assert opened.vocab == vocab
     np.testing.assert_array_equal(opened.tokens, expected)
+    assert read_text(path, encoding) == vocab.decode(expected)
 
 
 def test_a_second_open_reads_the_file_made_by_the_first(
@@ -159,7 +163,7 @@ def test_a_full_disk_leaves_no_token_file(corpus_file: Path, monkeypatch: pytest
 def test_an_undecodable_byte_far_into_the_file_is_named_by_its_offset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(tokens, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(corpus, "BLOCK_BYTES", 64)
     path = tmp_path / "bad.txt"
     good = "天下大势，分久必合。".encode() * 20
     path.write_bytes(good + b"\xff" + "合久必分".encode())
@@ -172,6 +176,7 @@ def test_an_undecodable_byte_far_into_the_file_is_named_by_its_offset(
     "content, encoding, message",
     [
         (b"", None, "is empty"),
+        ("\ufeff".encode(), None, "holds no text after its byte-order mark"),
         (b"\x00\x01binary", None, "binary file"),
         ("天下大势".encode("gb18030"), None, "--encoding gb18030"),
         (b"text", "no-such-codec", "unknown encoding"),
@@ -191,7 +196,7 @@ def test_bad_text_is_one_line(tmp_path: Path, content: bytes, encoding: str | No
 MEASURE = textwrap.dedent(
     """
     import sys, threading, time
-    from charlm import tokens
+    from charlm import corpus, tokens
 
     def anon_kib():
         for line in open("/proc/self/status"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -142,6 +144,24 @@ from charlm.errors import CharlmError
     "JAX_NUM_CPU_DEVICES makes); 1 turns data parallelism off. A run may resume on another "
     "number. [default: all]",
 )
+@click.option(
+    "--coordinator",
+    envvar="CHARLM_COORDINATOR",
+    help="HOST:PORT of process 0, for a run of several processes (see Scaling out in the "
+    "README). [env: CHARLM_COORDINATOR]",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    envvar="CHARLM_NUM_PROCESSES",
+    help="Processes in the run. [env: CHARLM_NUM_PROCESSES]",
+)
+@click.option(
+    "--process-id",
+    type=click.IntRange(min=0),
+    envvar="CHARLM_PROCESS_ID",
+    help="This process's number, from 0. [env: CHARLM_PROCESS_ID]",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @user_errors
 def train(
@@ -150,6 +170,9 @@ def train(
     resume: bool,
     quiet: bool,
     devices: int | None,
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
     **options: Any,
 ) -> None:
     """Train a model on CORPUS: a text file, or the name of a catalog corpus (charlm corpus
@@ -159,6 +182,19 @@ def train(
     the run directory keeps latest.ckpt, best.ckpt (lowest validation loss) and metrics.jsonl.
     Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
     """
+    from charlm import cluster
+
+    if cluster.is_requested(coordinator, num_processes, process_id):
+        if run_dir is None:
+            raise CharlmError(
+                "a run of several processes needs --run-dir, the same for every process "
+                "(on a file system they share, to resume)"
+            )
+        if not os.environ.get(cluster.WORKER):
+            command = [sys.executable, "-m", "charlm", *sys.argv[1:]]
+            sys.exit(cluster.supervise(command, Path(run_dir), process_id, coordinator))
+    # Before anything else of JAX's: a process joins its run first.
+    cluster.join(coordinator, num_processes, process_id)
     from charlm.training import train as run_training
 
     overrides = {name: value for name, value in options.items() if value is not None}

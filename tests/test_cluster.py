@@ -1,0 +1,248 @@
+"""Runs of several processes (jax.distributed) on 127.0.0.1: the same model as one process,
+resume, agreement on the validation loss, one-line errors, and a lost process.
+
+Every process is a child with one CPU device, started with a time-out and killed if the test
+ends early; the coordinator listens on a free port of 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+import charlm
+from charlm import checkpoint as ckpt
+from charlm import cluster
+
+OPTIONS = dict(TINY, batch_size=8, decay_steps=8, eval_every=4)
+# float32 tolerance: two processes' halves of the batch are summed in another order.
+TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+
+# One process of a run, through the library, printing how its run ended.
+PROCESS = r"""
+import json, sys
+from charlm import cluster
+from charlm.training import train
+coordinator, count, index, corpus, run_dir, options = sys.argv[1:7]
+cluster.join(coordinator, int(count), int(index))
+options = json.loads(options)
+resume = options.pop("resume", False)
+result = train(None if resume else corpus, run_dir=run_dir, resume=resume, progress=False,
+               **options)
+print(json.dumps({"step": result.step, "val_loss": result.val_loss, "best": result.best_val_loss}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment() -> dict[str, str]:
+    return dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """The children a test starts; any still running at its end are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def start(processes: list, command: list[str]) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    processes.append(process)
+    return process
+
+
+def run_two(processes: list, corpus: Path, run_dir: Path, options: dict) -> list[dict]:
+    coordinator = f"127.0.0.1:{free_port()}"
+    children = [
+        start(
+            processes,
+            [
+                sys.executable,
+                "-c",
+                PROCESS,
+                coordinator,
+                "2",
+                str(index),
+                str(corpus),
+                str(run_dir),
+                json.dumps(options),
+            ],
+        )
+        for index in range(2)
+    ]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        results.append(json.loads(out.splitlines()[-1]))
+    return results
+
+
+def params(run_dir: Path) -> dict[str, np.ndarray]:
+    arrays = ckpt.load(run_dir / ckpt.LATEST).arrays
+    return {k: v for k, v in arrays.items() if not k.startswith("opt_state/")}
+
+
+def test_two_processes_train_the_model_of_one_and_resume(
+    corpus_file: Path, tmp_path: Path, processes: list
+):
+    charlm.train(str(corpus_file), run_dir=tmp_path / "one", steps=8, progress=False, **OPTIONS)
+    together = run_two(processes, corpus_file, tmp_path / "two", {**OPTIONS, "steps": 8})
+    # Each process scored the held-out split on its own copy of the parameters: the same loss.
+    assert together[0] == together[1]
+    assert together[0]["step"] == 8
+    one = params(tmp_path / "one")
+    two = params(tmp_path / "two")
+    assert any(name.startswith("carry/") for name in one)
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], err_msg=name, **TOLERANCE)
+    assert len((tmp_path / "two" / ckpt.METRICS).read_text().splitlines()) == 2
+
+    run_two(processes, corpus_file, tmp_path / "split", {**OPTIONS, "steps": 4})
+    resumed = run_two(processes, corpus_file, tmp_path / "split", {"resume": True, "steps": 8})
+    assert resumed[0]["step"] == resumed[1]["step"] == 8
+    split = params(tmp_path / "split")
+    for name in one:
+        np.testing.assert_allclose(split[name], one[name], err_msg=name, **TOLERANCE)
+
+
+def cli_process(corpus: Path, run_dir: Path, coordinator: str, index: int, *extra: str) -> list:
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    return [
+        sys.executable,
+        "-m",
+        "charlm",
+        "train",
+        str(corpus),
+        "--run-dir",
+        str(run_dir),
+        *options,
+        "--coordinator",
+        coordinator,
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(index),
+        *extra,
+    ]
+
+
+def test_a_lost_process_stops_the_others_with_one_line_and_the_run_resumes(
+    corpus_file: Path, tmp_path: Path, processes: list
+):
+    run_dir = tmp_path / "run"
+    coordinator = f"127.0.0.1:{free_port()}"
+    extra = ("--steps", "100000", "--eval-every", "20", "--quiet")
+    children = [
+        start(processes, cli_process(corpus_file, run_dir, coordinator, i, *extra))
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 180
+    while not (run_dir / ckpt.LATEST).exists():
+        assert time.monotonic() < deadline, children[0].communicate(timeout=5)
+        assert children[0].poll() is None, children[0].communicate()[1][-2000:]
+        time.sleep(0.2)
+    time.sleep(2)
+    children[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = children[0].communicate(timeout=cluster.HEARTBEAT_TIMEOUT_S * 4 + 30)
+    waited = time.monotonic() - killed
+    assert children[0].returncode not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("charlm: error: process 1 of the run stopped"), lines[0]
+    assert "--resume" in lines[0]
+    assert waited < cluster.HEARTBEAT_TIMEOUT_S * 4 + 30
+    saved = ckpt.load(run_dir / ckpt.LATEST).meta["step"]
+    assert saved >= 20 and saved % 20 == 0
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    again = [
+        start(
+            processes,
+            cli_process(
+                corpus_file,
+                run_dir,
+                coordinator,
+                i,
+                "--resume",
+                "--steps",
+                str(saved + 5),
+                "--quiet",
+            ),
+        )
+        for i in range(2)
+    ]
+    for child in again:
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+    assert ckpt.load(run_dir / ckpt.LATEST).meta["step"] == saved + 5
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--coordinator", "127.0.0.1:1234"], "--num-processes, --process-id missing"),
+        (
+            ["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "0"],
+            "--coordinator must be HOST:PORT",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+            "--process-id must be from 0 to 1",
+        ),
+    ],
+)
+def test_options_that_do_not_fit_together_are_one_line(
+    corpus_file: Path, options: list[str], message: str
+):
+    assert_one_line(["-m", "charlm", "train", str(corpus_file), *options], message)
+
+
+def test_a_run_that_nobody_joins_is_one_line_after_its_time_out(
+    corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Process 1 of 2 waits for a coordinator that is not there; JAX's runtime aborts it when
+    the time-out (shortened here) is up, and the line says what to do."""
+    monkeypatch.setenv("CHARLM_JOIN_TIMEOUT_S", "3")
+    coordinator = f"127.0.0.1:{free_port()}"
+    options = ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "1"]
+    command = ["-m", "charlm", "train", str(corpus_file), "--run-dir", "r", *options]
+    assert_one_line(command, f"could not join the run coordinated at {coordinator} within 3 s")
+
+
+def assert_one_line(arguments: list[str], message: str) -> None:
+    """Python with `arguments` fails with exit status 1 and one line of stderr holding
+    `message`."""
+    result = subprocess.run(
+        [sys.executable, *arguments],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
