@@ -246,3 +246,25 @@ def assert_one_line(arguments: list[str], message: str) -> None:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "variables, expected",
+    [
+        ({}, None),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "Slurm"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+    ],
+)
+def test_a_scheduler_that_started_several_tasks_asks_for_a_run_of_several_processes(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], expected: str | None
+):
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert cluster.scheduler() == expected
+    assert cluster.is_requested(None, None, None) is (expected is not None)
+    # Explicit options decide over the scheduler: one process is a run of its own.
+    assert cluster.is_requested("127.0.0.1:1234", 1, 0) is False
