@@ -42,7 +42,14 @@ FORMAT_VERSION = 3
 LATEST = "latest.ckpt"
 BEST = "best.ckpt"
 METRICS = "metrics.jsonl"
+# The most recent run of the working directory, of each kind, which commands default to.
 LAST_RUN_FILE = ".charlm-last-run"
+LAST_TAGGER_FILE = ".charlm-last-tagger"
+LAST_RUN = {checkpoint_meta.LANGUAGE_MODEL: LAST_RUN_FILE, checkpoint_meta.TAGGER: LAST_TAGGER_FILE}
+TRAIN_COMMAND = {
+    checkpoint_meta.LANGUAGE_MODEL: "charlm train FILE",
+    checkpoint_meta.TAGGER: "charlm punctuate train FILE",
+}
 
 # For each config field that a version-1 checkpoint may lack, the value that trains and runs
 # the model as version 1 did. A field added to ModelConfig or TrainConfig needs its entry here:
@@ -251,26 +258,34 @@ UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1, 2: upgrade_v2}
 
 
 def load_model(checkpoint: Checkpoint) -> tuple[model.Params, model.ModelConfig, Vocabulary]:
-    """The parameters, model config and vocabulary that a checkpoint holds."""
+    """The parameters, model config and vocabulary that a language model's checkpoint holds;
+    a tagger's is refused in one line."""
+    if checkpoint_meta.kind(checkpoint.meta) == checkpoint_meta.TAGGER:
+        raise CharlmError(
+            f"{checkpoint.path} is a punctuation tagger, not a language model; "
+            "use it with charlm punctuate"
+        )
     config = model.ModelConfig.from_dict(checkpoint.meta["model"])
     template = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
     return checkpoint.tree("params", template), config, Vocabulary(checkpoint.meta["vocab"])
 
 
-def remember_run(run_dir: str | os.PathLike) -> None:
-    """Record `run_dir` as the most recent run of the working directory."""
-    write_atomic(Path(LAST_RUN_FILE), str(Path(run_dir).resolve()).encode())
+def remember_run(run_dir: str | os.PathLike, kind: str = checkpoint_meta.LANGUAGE_MODEL) -> None:
+    """Record `run_dir` as the most recent run of its `kind` in the working directory."""
+    write_atomic(Path(LAST_RUN[kind]), str(Path(run_dir).resolve()).encode())
 
 
-def resolve(checkpoint: str | os.PathLike | None) -> Path:
+def resolve(
+    checkpoint: str | os.PathLike | None, kind: str = checkpoint_meta.LANGUAGE_MODEL
+) -> Path:
     """The checkpoint file that `checkpoint` names: a file, a run directory (its best checkpoint,
-    else its latest) or, when None, the most recent run of the working directory."""
+    else its latest) or, when None, the most recent run of `kind` in the working directory."""
     if checkpoint is None:
-        last = Path(LAST_RUN_FILE)
+        last = Path(LAST_RUN[kind])
         if not last.is_file():
             raise CharlmError(
                 "no --checkpoint given and no run recorded in this directory; "
-                "train one with `charlm train FILE` or pass --checkpoint PATH"
+                f"train one with `{TRAIN_COMMAND[kind]}` or pass --checkpoint PATH"
             )
         checkpoint = last.read_text(encoding="utf-8").strip()
     path = Path(checkpoint)

@@ -1,9 +1,12 @@
 """The metadata document of a checkpoint: its schema, and its validation when a file is read.
 
 The document is the JSON object that `charlm.training` writes with every checkpoint (see
-`charlm.checkpoint`). The rules for its `model` and `train` sections come from the fields of
-`model.ModelConfig` and `config.TrainConfig` and their annotated types, so a field added to
-either class is checked with no change here; the other sections are written out in `schema`.
+`charlm.checkpoint`), or `charlm.tagger_training` with a punctuation tagger's. A tagger's
+document says `"kind": "tagger"`; a language model's has no kind, as every checkpoint written
+before taggers existed. The rules for the config sections (a language model's `model` and
+`train`, a tagger's `tagger` and `train`) come from the fields of their dataclasses and their
+annotated types, so a field added to one is checked with no change here; the other sections
+are written out in `schema`.
 Every problem is one CharlmError line that names the file and the field, for example
 `runs/x/latest.ckpt: metadata field model.hidden_size must be an integer, got "256"`.
 """
@@ -18,9 +21,15 @@ import types
 import typing
 from typing import Any
 
-from charlm import model
+from charlm import model, tagger
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError
+from charlm.punctuation import MarkSet
+from charlm.tagger_config import TaggerTrainConfig
+
+# The kinds of model a checkpoint holds: its document's `kind` field, absent for a language model.
+LANGUAGE_MODEL = "language model"
+TAGGER = "tagger"
 
 # A field's rule is one of the types in KINDS, a union of them such as `str | None`, or, for a
 # nested object, a dict of the rules of its fields (each required, no others allowed).
@@ -30,6 +39,7 @@ KINDS = {
     float: "a number",
     bool: "true or false",
     str: "a string",
+    list: "a list",
     type(None): "null",
 }
 # The least value of the numbers outside the configs, whose own checks bound theirs.
@@ -50,8 +60,16 @@ def field_error(source: str, name: str, problem: str) -> CharlmError:
     return CharlmError(f"{source}: metadata field {name} {problem}")
 
 
-def config_classes() -> dict[str, type]:
-    """The dataclass of each config section of the document: model and train."""
+def kind(meta: dict[str, Any]) -> str:
+    """The kind of model that a checked metadata document describes."""
+    return meta.get("kind", LANGUAGE_MODEL)
+
+
+def config_classes(of: str = LANGUAGE_MODEL) -> dict[str, type]:
+    """The dataclass of each config section of a document of kind `of`: a language model's
+    model and train, a tagger's tagger and train."""
+    if of == TAGGER:
+        return {"tagger": tagger.TaggerConfig, "train": TaggerTrainConfig}
     return {"model": model.ModelConfig, "train": TrainConfig}
 
 
@@ -65,19 +83,32 @@ def config_rules(cls: type) -> dict[str, Rule]:
     return rules
 
 
-def schema() -> dict[str, Rule]:
-    """The rules of a checkpoint's whole metadata document."""
-    configs = {section: config_rules(cls) for section, cls in config_classes().items()}
+def schema(of: str = LANGUAGE_MODEL) -> dict[str, Rule]:
+    """The rules of a checkpoint's whole metadata document, of kind `of`."""
+    configs = {section: config_rules(cls) for section, cls in config_classes(of).items()}
+    if of == TAGGER:
+        own: dict[str, Rule] = {
+            "kind": str,
+            "tagger": configs["tagger"],
+            "marks": {"label_strings": list},
+        }
+        # A tagger's best checkpoint is its best at breaking sentences, not its lowest loss.
+        scores: dict[str, Rule] = {"val_break_f1": float | None, "best_val_break_f1": float | None}
+    else:
+        own = {
+            "model": configs["model"],
+            "data_position": {"steps_per_epoch": int, "stream_offset": int},
+        }
+        scores = {"best_val_loss": float | None}
     return {
         "charlm_version": str,
         "created": str,
-        "model": configs["model"],
+        **own,
         "vocab": str,
         "train": configs["train"],
         "step": int,
         "decay_steps": int,
         "epoch": float,
-        "data_position": {"steps_per_epoch": int, "stream_offset": int},
         "corpus": {
             "path": str,
             "sha256": str,
@@ -88,7 +119,7 @@ def schema() -> dict[str, Rule]:
         },
         "train_loss": float | None,
         "val_loss": float | None,
-        "best_val_loss": float | None,
+        **scores,
     }
 
 
@@ -98,30 +129,54 @@ def validate(meta: Any, source: str) -> None:
     field that is not."""
     if not isinstance(meta, dict):
         raise field_error(source, "meta", f"must be a JSON object, got {_show(meta)}")
-    _check(meta, schema(), "", source)
+    of = kind(meta)
+    if of not in (LANGUAGE_MODEL, TAGGER):
+        raise field_error(
+            source, "kind", f'must be "{TAGGER}" or absent (a language model), got {_show(of)}'
+        )
+    _check(meta, schema(of), "", source)
     for name, least in MINIMUM.items():
         section, _, key = name.rpartition(".")
-        value = meta[section][key] if section else meta[key]
-        if value < least:
+        value = meta.get(section, {}).get(key) if section else meta[key]
+        if value is not None and value < least:
             raise field_error(source, name, f"must be at least {least}, got {_show(value)}")
     vocab = meta["vocab"]
     if not vocab or any(a >= b for a, b in itertools.pairwise(vocab)):
         raise field_error(
             source, "vocab", "must be one or more distinct characters in code-point order"
         )
-    if len(vocab) != meta["model"]["vocab_size"]:
+    shape = "tagger" if of == TAGGER else "model"
+    if len(vocab) != meta[shape]["vocab_size"]:
         raise field_error(
             source,
             "vocab",
-            f"has {len(vocab)} characters but model.vocab_size is {meta['model']['vocab_size']}",
+            f"has {len(vocab)} characters but {shape}.vocab_size is {meta[shape]['vocab_size']}",
         )
-    for section, cls in config_classes().items():
+    if of == TAGGER:
+        _check_marks(meta, source)
+    for section, cls in config_classes(of).items():
         try:
             config = cls(**meta[section])
             if hasattr(config, "validate"):
                 config.validate()
         except (ValueError, CharlmError) as err:
             raise field_error(source, section, f"is not a valid {cls.__name__}: {err}") from None
+
+
+def _check_marks(meta: dict[str, Any], source: str) -> None:
+    """A tagger's label set: runs of marks, one label each besides "no mark"."""
+    runs = meta["marks"]["label_strings"]
+    try:
+        marks = MarkSet.from_dict(meta["marks"])
+    except (TypeError, ValueError) as err:
+        raise field_error(source, "marks.label_strings", f"is not a label set: {err}") from None
+    if marks.num_labels != meta["tagger"]["num_labels"]:
+        raise field_error(
+            source,
+            "marks.label_strings",
+            f"has {len(runs)} runs of marks but tagger.num_labels is "
+            f"{meta['tagger']['num_labels']} (one more, for no mark, is needed)",
+        )
 
 
 def _check(value: Any, rule: Rule, name: str, source: str) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from charlm.corpus import Vocabulary, code_points
+from charlm.corpus import Vocabulary, code_points, sha256_file
 from charlm.errors import CharlmError
 from charlm.tokens import open_tokens
 
@@ -74,6 +75,23 @@ def load_corpus(
             "(fewer than 2 characters); use a longer text or --val-fraction 0"
         )
     return corpus
+
+
+def held_out_corpus(recorded: dict[str, Any], instead: str) -> str:
+    """The path of the corpus whose held-out split a checkpoint's run kept (`recorded`, its
+    metadata's `corpus` section), checked to be there and unchanged; `instead` is the command
+    to run on a file when it is not, or when the run held nothing out."""
+    if recorded["val_fraction"] == 0:
+        raise CharlmError(
+            f"this checkpoint's run held nothing out (--val-fraction 0); give a file: {instead}"
+        )
+    path = recorded["path"]
+    if not os.path.isfile(path) or sha256_file(path) != recorded["sha256"]:
+        raise CharlmError(
+            f"the training corpus {path} is missing or has changed since training "
+            f"(sha256 differs); give a file: {instead}"
+        )
+    return path
 
 
 class BatchStream:

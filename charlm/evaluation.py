@@ -23,8 +23,8 @@ import optax
 
 from charlm import checkpoint as ckpt
 from charlm import model
-from charlm.corpus import Vocabulary, sha256_file, text_blocks
-from charlm.data import load_corpus
+from charlm.corpus import Vocabulary, text_blocks
+from charlm.data import held_out_corpus, load_corpus
 from charlm.dynamic import DynamicEvaluation, DynamicScore, dynamic_nats
 from charlm.errors import CharlmError
 
@@ -205,17 +205,7 @@ def perplexity(
     params, config, vocab = ckpt.load_model(loaded)
     if text_file is None:
         corpus = loaded.meta["corpus"]
-        if corpus["val_fraction"] == 0:
-            raise CharlmError(
-                "this checkpoint's run held nothing out (--val-fraction 0); "
-                "give a text file to evaluate: charlm perplexity FILE"
-            )
-        path = corpus["path"]
-        if not os.path.isfile(path) or sha256_file(path) != corpus["sha256"]:
-            raise CharlmError(
-                f"the training corpus {path} is missing or has changed since training "
-                "(sha256 differs); give a text file to evaluate: charlm perplexity FILE"
-            )
+        path = held_out_corpus(corpus, "charlm perplexity FILE")
         data = load_corpus(
             path, encoding=corpus["encoding"], val_fraction=corpus["val_fraction"], vocab=vocab
         )

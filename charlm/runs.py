@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from charlm import checkpoint as ckpt
+from charlm import checkpoint_meta
 from charlm.errors import CharlmError
 from charlm.model import ModelConfig
+from charlm.tagger import TaggerConfig
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
     except CharlmError as err:
         return RunSummary(str(run_dir), latest, problem=str(err))
     best = meta.get("best_val_loss")
+    tagger = checkpoint_meta.kind(meta) == checkpoint_meta.TAGGER
+    # A tagger's loss is over labels, not characters: it has no bits per character.
+    model = (TaggerConfig if tagger else ModelConfig).from_dict(
+        meta["tagger" if tagger else "model"]
+    )
     try:
         seconds = training_seconds(read_metrics(run_dir))[-1]
     except CharlmError:
@@ -111,9 +118,9 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
         str(run_dir),
         latest,
         corpus=Path(meta["corpus"]["path"]).name,
-        model=ModelConfig.from_dict(meta["model"]).describe(),
+        model=model.describe(),
         steps=meta["step"],
         best_val_loss=best,
-        best_val_bpc=None if best is None else best / math.log(2),
+        best_val_bpc=None if best is None or tagger else best / math.log(2),
         seconds=seconds,
     )

@@ -13,17 +13,22 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 
 from charlm import checkpoint as ckpt
-from charlm import hardware
+from charlm import checkpoint_meta, hardware
 from charlm.catalog import resolve_corpus
 from charlm.config import LENGTH, RESUMABLE, TrainConfig
 from charlm.corpus import Vocabulary
 from charlm.data import Corpus, load_corpus
 from charlm.errors import CharlmError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Config = TypeVar("Config", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ def _notes(progress: bool) -> Callable[[str], None]:
     return lambda message: None
 
 
-def _choose_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
+def _choose_run_dir(corpus_path: str, run_dir: str | Path | None, suffix: str = "") -> Path:
+    """`run_dir`, refused if it holds a run, or runs/<corpus name><suffix>, numbered if taken."""
     if run_dir is not None:
         path = Path(run_dir)
         if (path / ckpt.LATEST).exists():
@@ -65,15 +71,16 @@ def _choose_run_dir(corpus_path: str, run_dir: str | Path | None) -> Path:
                 f"{path} already holds a run; continue it with --resume or choose another --run-dir"
             )
     else:
-        base = Path("runs") / (Path(corpus_path).stem or "corpus")
+        base = Path("runs") / ((Path(corpus_path).stem or "corpus") + suffix)
         path, n = base, 2
         while path.exists():
             path, n = base.with_name(f"{base.name}-{n}"), n + 1
     return path
 
 
-def _resume_config(loaded: ckpt.Checkpoint, overrides: dict[str, Any]) -> TrainConfig:
-    saved = TrainConfig(**loaded.meta["train"])
+def _resume_config(saved: Config, overrides: dict[str, Any]) -> Config:
+    """The options of a resumed run: `saved`, the checkpoint's, with the `overrides` that
+    `RESUMABLE` allows; any other that differs is refused in one line."""
     if overrides.get("precision") == "auto":
         overrides = {name: value for name, value in overrides.items() if name != "precision"}
     for name, value in overrides.items():
@@ -127,7 +134,12 @@ def open_session(
         overrides = {**dataclasses.asdict(config), **overrides}
     run_path = ckpt.resolve(run_dir).parent
     loaded = ckpt.load(run_path / ckpt.LATEST)
-    config = _resume_config(loaded, overrides)
+    if checkpoint_meta.kind(loaded.meta) != checkpoint_meta.LANGUAGE_MODEL:
+        raise CharlmError(
+            f"{run_path} is a punctuation tagger's run; resume it with "
+            f"charlm punctuate train --resume --run-dir {run_path}"
+        )
+    config = _resume_config(TrainConfig(**loaded.meta["train"]), overrides)
     config.validate()
     corpus_meta = loaded.meta["corpus"]
     corpus = corpus or corpus_meta["path"]

@@ -1,5 +1,6 @@
-"""The `charlm` command: a thin click shell over charlm.train, charlm.sample, charlm.perplexity
-and the corpus catalog (charlm.catalog).
+"""The `charlm` command: a thin click shell over charlm.train, charlm.sample, charlm.perplexity,
+the punctuation tagger (charlm.tagger_training, charlm.tagging) and the corpus catalog
+(charlm.catalog).
 
 Nothing here imports JAX at module level, so `charlm --help` answers at once: each command
 imports what it runs when it runs. A CharlmError becomes one line on stderr and exit status 1
@@ -13,6 +14,7 @@ import click
 from charlm import __version__
 from charlm.cli.corpus_commands import corpus, corpus_get, corpus_list
 from charlm.cli.model_commands import perplexity, sample, train
+from charlm.cli.punctuate_command import punctuate
 from charlm.cli.run_commands import plot, runs
 from charlm.cli.serve_command import serve
 
@@ -23,7 +25,7 @@ def main() -> None:
     """Train character-level LSTM, GRU and RNN language models, and sample from them."""
 
 
-for command in (train, sample, perplexity, runs, plot, serve, corpus):
+for command in (train, sample, perplexity, punctuate, runs, plot, serve, corpus):
     main.add_command(command)
 
 __all__ = ["corpus_get", "corpus_list", "main", "perplexity", "sample", "train"]

@@ -1,0 +1,85 @@
+"""The options of a punctuation tagger's training run (`TaggerTrainConfig`).
+
+A tagger's run shares most of its options, and their meaning, with a language model's
+(`charlm.config.TrainConfig`): the shape of the recurrent layers, the batch, the optimizer and
+its schedule, the run's length. `TaggerTrainConfig.shared` is the language model's config with
+those options, which checks them and drives `charlm.step`'s schedule and optimizer; what only
+a tagger has is the direction (`bidirectional`), the size of its label set, and the language
+model its first layer may start from (`init_from`). A tagger has no dropout options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from charlm.config import TrainConfig
+from charlm.errors import CharlmError
+from charlm.punctuation import DEFAULT_MAX_LABELS
+from charlm.tagger import TaggerConfig
+
+
+@dataclass(frozen=True)
+class TaggerTrainConfig:
+    """Everything that defines a tagger's training run. `seq_len` is the window a training
+    example is, and the window that tagging reads a text in (each position labelled from the
+    middle half of a window). The other options mean what `TrainConfig`'s do."""
+
+    cell: str = "lstm"
+    layers: int = 2
+    hidden_size: int = 256
+    embed_size: int = 256
+    bidirectional: bool = True
+    precision: str = "auto"
+    max_labels: int = DEFAULT_MAX_LABELS
+    batch_size: int = 32
+    seq_len: int = 100
+    val_fraction: float = 0.1
+    encoding: str | None = None
+    lr: float = 5e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    beta2: float = 0.99
+    clip_norm: float = 5.0
+    seed: int = 0
+    steps: int | None = None
+    epochs: float | None = None
+    time_budget: float | None = None
+    eval_every: int = 500
+    log_every: int = 10
+    init_from: str | None = None
+
+    @property
+    def shared(self) -> TrainConfig:
+        """The language model's TrainConfig with the options the two runs share (its own
+        defaults for the rest, which nothing of a tagger's run reads)."""
+        names = {field.name for field in dataclasses.fields(TrainConfig)}
+        return TrainConfig(
+            **{
+                field.name: getattr(self, field.name)
+                for field in dataclasses.fields(self)
+                if field.name in names
+            }
+        )
+
+    def validate(self) -> None:
+        self.shared.validate()
+        if self.max_labels < 1:
+            raise CharlmError("--max-labels must be at least 1")
+
+    def tagger_config(self, vocab_size: int, num_labels: int) -> TaggerConfig:
+        """The tagger these options describe; precision "auto" must have been resolved first."""
+        if self.precision == "auto":
+            raise ValueError("resolve precision 'auto' first: charlm.hardware.auto_precision")
+        return TaggerConfig(
+            vocab_size=vocab_size,
+            num_labels=num_labels,
+            cell=self.cell,
+            layers=self.layers,
+            hidden_size=self.hidden_size,
+            embed_size=self.embed_size,
+            bidirectional=self.bidirectional,
+            precision=self.precision,
+        )
