@@ -105,6 +105,11 @@ def _initialize(
     return True
 
 
+def _other_tasks(text: str, me: int | None) -> list[int]:
+    """The processes other than `me` that JAX's messages in `text` name (as ".../task:K")."""
+    return sorted({int(n) for n in re.findall(r"/task:(\d+)", text)} - {me})
+
+
 def lost(error: Exception, saved_step: int | None, run_path: Path) -> str:
     """The one line a process prints when a collective of the run fails around it (the
     Python side of a lost process; `supervise` handles the runtime's side)."""
@@ -112,7 +117,7 @@ def lost(error: Exception, saved_step: int | None, run_path: Path) -> str:
 
     me, count = jax.process_index(), jax.process_count()
     first = str(error).strip().splitlines()[0][:160] if str(error).strip() else "no message"
-    tasks = sorted({int(n) for n in re.findall(r"/task:(\d+)", str(error))} - {me})
+    tasks = _other_tasks(str(error), me)
     if not tasks and count == 2:
         tasks = [1 - me]
     who = f"process {', '.join(map(str, tasks))}" if tasks else "another process"
@@ -244,7 +249,7 @@ def _ending(
             f"{INITIALIZATION_TIMEOUT_S} s ({how}); start every process with the same "
             "--coordinator and --num-processes, and a distinct --process-id"
         )
-    tasks = sorted({int(n) for n in re.findall(r"/task:(\d+)", log)} - {process_id})
+    tasks = _other_tasks(log, process_id)
     if tasks:
         who = f"process {', '.join(map(str, tasks))} of the run"
     elif process_id != 0:

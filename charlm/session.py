@@ -47,12 +47,18 @@ class Session:
         cls, config: TrainConfig, data: Corpus, run_path: Path, loaded: ckpt.Checkpoint | None
     ) -> Session:
         """The session, with `--precision auto` resolved for this machine's first device."""
-        note = f"in {config.precision}"
-        if config.precision == "auto":
-            precision, why = hardware.auto_precision(jax.devices()[0])
-            config = dataclasses.replace(config, precision=precision)
-            note = f"in {precision} (auto: {why})"
+        config, note = resolve_precision(config)
         return cls(config, data, run_path, loaded, note)
+
+
+def resolve_precision(config: Config) -> tuple[Config, str]:
+    """`config` (a run's options, with a `precision`) with `--precision auto` resolved for this
+    machine's first device, and the note that says which precision trains and why."""
+    precision = config.precision  # type: ignore[attr-defined]
+    if precision != "auto":
+        return config, f"in {precision}"
+    precision, why = hardware.auto_precision(jax.devices()[0])
+    return dataclasses.replace(config, precision=precision), f"in {precision} (auto: {why})"
 
 
 def _notes(progress: bool) -> Callable[[str], None]:
@@ -95,6 +101,37 @@ def _resume_config(saved: Config, overrides: dict[str, Any]) -> Config:
     return dataclasses.replace(saved, **overrides)
 
 
+# Each kind of run as the message that refuses it names it, and the command that resumes it.
+_RUN_KINDS = {
+    checkpoint_meta.LANGUAGE_MODEL: ("a language model's", "charlm train"),
+    checkpoint_meta.TAGGER: ("a punctuation tagger's", "charlm punctuate train"),
+}
+
+
+def load_run(run_dir: str | Path | None, kind: str) -> tuple[Path, ckpt.Checkpoint]:
+    """The run directory that `run_dir` names (None: the latest run of `kind` here) and its
+    latest checkpoint, to resume; a run of the other kind is refused in one line that says how
+    to resume it."""
+    run_path = ckpt.resolve(run_dir, kind).parent
+    loaded = ckpt.load(run_path / ckpt.LATEST)
+    found = checkpoint_meta.kind(loaded.meta)
+    if found != kind:
+        what, command = _RUN_KINDS[found]
+        raise CharlmError(
+            f"{run_path} is {what} run; resume it with {command} --resume --run-dir {run_path}"
+        )
+    return run_path, loaded
+
+
+def check_same_text(corpus: str, sha256: str, loaded: ckpt.Checkpoint) -> None:
+    """Refuse to resume a run on a text (`corpus`, whose hash is `sha256`) other than its own."""
+    if sha256 != loaded.meta["corpus"]["sha256"]:
+        raise CharlmError(
+            f"{corpus} is not the text this run was trained on (sha256 differs); "
+            "resume with the original file or start a new run"
+        )
+
+
 def corpus_meta(corpus: Corpus, encoding: str | None) -> dict[str, Any]:
     return {
         "path": str(Path(corpus.path).resolve()),
@@ -132,13 +169,7 @@ def open_session(
         return Session.start(config, data, _choose_run_dir(data.path, run_dir), None)
     if config is not None:
         overrides = {**dataclasses.asdict(config), **overrides}
-    run_path = ckpt.resolve(run_dir).parent
-    loaded = ckpt.load(run_path / ckpt.LATEST)
-    if checkpoint_meta.kind(loaded.meta) != checkpoint_meta.LANGUAGE_MODEL:
-        raise CharlmError(
-            f"{run_path} is a punctuation tagger's run; resume it with "
-            f"charlm punctuate train --resume --run-dir {run_path}"
-        )
+    run_path, loaded = load_run(run_dir, checkpoint_meta.LANGUAGE_MODEL)
     config = _resume_config(TrainConfig(**loaded.meta["train"]), overrides)
     config.validate()
     corpus_meta = loaded.meta["corpus"]
@@ -151,9 +182,5 @@ def open_session(
         progress=progress,
         log=_notes(progress),
     )
-    if data.sha256 != corpus_meta["sha256"]:
-        raise CharlmError(
-            f"{corpus} is not the text this run was trained on (sha256 differs); "
-            "resume with the original file or start a new run"
-        )
+    check_same_text(corpus, data.sha256, loaded)
     return Session.start(config, data, run_path, loaded)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charlm import __version__, checkpoint_meta, hardware, tagger
+from charlm import __version__, checkpoint_meta, tagger
 from charlm import checkpoint as ckpt
 from charlm.catalog import resolve_corpus
 from charlm.checkpointing import TrainingDiverged, loss_problem
@@ -35,7 +35,15 @@ from charlm.files import remove_leftovers
 from charlm.monitor import Progress, RecentLosses, append_metrics, show_loss
 from charlm.punctuation import MarkSet
 from charlm.punctuation_scores import score_labels
-from charlm.session import _choose_run_dir, _notes, _resume_config, corpus_meta
+from charlm.session import (
+    _choose_run_dir,
+    _notes,
+    _resume_config,
+    check_same_text,
+    corpus_meta,
+    load_run,
+    resolve_precision,
+)
 from charlm.step import Horizon, learning_rate, make_optimizer
 from charlm.tagger_config import TaggerTrainConfig
 from charlm.tagging import (
@@ -75,13 +83,7 @@ def open_tagger_session(
         corpus = resolve_corpus(corpus, progress=progress)
     loaded = None
     if resume:
-        run_path = ckpt.resolve(run_dir, checkpoint_meta.TAGGER).parent
-        loaded = ckpt.load(run_path / ckpt.LATEST)
-        if checkpoint_meta.kind(loaded.meta) != checkpoint_meta.TAGGER:
-            raise CharlmError(
-                f"{run_path} is a language model's run; resume it with "
-                f"charlm train --resume --run-dir {run_path}"
-            )
+        run_path, loaded = load_run(run_dir, checkpoint_meta.TAGGER)
         config = _resume_config(TaggerTrainConfig(**loaded.meta["train"]), overrides)
         corpus = corpus or loaded.meta["corpus"]["path"]
     else:
@@ -99,18 +101,11 @@ def open_tagger_session(
         progress=progress,
         log=_notes(progress),
     )
-    if loaded is not None and data.corpus.sha256 != loaded.meta["corpus"]["sha256"]:
-        raise CharlmError(
-            f"{corpus} is not the text this run was trained on (sha256 differs); "
-            "resume with the original file or start a new run"
-        )
+    if loaded is not None:
+        check_same_text(corpus, data.corpus.sha256, loaded)
     if loaded is None:
         run_path = _choose_run_dir(data.corpus.path, run_dir, "-punctuate")
-    note = f"in {config.precision}"
-    if config.precision == "auto":
-        precision, why = hardware.auto_precision(jax.devices()[0])
-        config = dataclasses.replace(config, precision=precision)
-        note = f"in {precision} (auto: {why})"
+    config, note = resolve_precision(config)
     return TaggerSession(config, data, run_path, loaded, note)
 
 
