@@ -105,6 +105,18 @@ def _initialize(
     return True
 
 
+def is_runtime_failure(error: Exception) -> bool:
+    """Whether `error` is JAX's runtime reporting a failure, as a lost process makes every
+    collective fail: a JaxRuntimeError, or (from `multihost_utils`, which compiles its
+    collectives as it runs them) a ValueError that carries the runtime's status, such as
+    "UNKNOWN: Gloo all-reduce failed"."""
+    import jax
+
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        return True
+    return bool(re.match(r"(UNKNOWN|INTERNAL|UNAVAILABLE|ABORTED|DEADLINE_EXCEEDED): ", str(error)))
+
+
 def _other_tasks(text: str, me: int | None) -> list[int]:
     """The processes other than `me` that JAX's messages in `text` name (as ".../task:K")."""
     return sorted({int(n) for n in re.findall(r"/task:(\d+)", text)} - {me})

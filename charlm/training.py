@@ -262,8 +262,8 @@ def train(
             elif run.checkpoints.saved_step != run.step:
                 run.evaluate_and_save()
                 run.show()
-    except jax.errors.JaxRuntimeError as err:
-        if run.parallel.processes == 1:
+    except (jax.errors.JaxRuntimeError, ValueError) as err:
+        if run.parallel.processes == 1 or not cluster.is_runtime_failure(err):
             raise
         # A collective that a lost process never joins fails in every process left.
         raise CharlmError(cluster.lost(err, run.checkpoints.saved_step, session.run_path)) from None

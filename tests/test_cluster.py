@@ -268,3 +268,13 @@ def test_a_scheduler_that_started_several_tasks_asks_for_a_run_of_several_proces
     assert cluster.is_requested(None, None, None) is (expected is not None)
     # Explicit options decide over the scheduler: one process is a run of its own.
     assert cluster.is_requested("127.0.0.1:1234", 1, 0) is False
+
+
+def test_the_runtime_failures_of_a_lost_process_are_told_from_other_errors():
+    import jax
+
+    assert cluster.is_runtime_failure(jax.errors.JaxRuntimeError("UNAVAILABLE: task 1"))
+    # multihost_utils's collectives surface the runtime's status as a ValueError.
+    failed = ValueError("UNKNOWN: Gloo all-reduce failed: Read error: Connection reset by peer")
+    assert cluster.is_runtime_failure(failed)
+    assert not cluster.is_runtime_failure(ValueError("operands could not be broadcast together"))
