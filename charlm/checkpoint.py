@@ -8,9 +8,10 @@ checks (`charlm.checkpoint_meta`). Arrays are named `group/path/in/pytree`, for 
 `params/layers/0/w_h` or `opt_state/1/0/mu/embed`.
 
 A file of an older format version is upgraded as it is read (`UPGRADES`): version 2 records the
-regularisation options, which version 1 did not have, and version 3 the cap on the held-out
-characters each evaluation reads; `V1_BEHAVIOUR` and `V2_BEHAVIOUR` give the values that behave
-as those versions did.
+regularisation options, which version 1 did not have, version 3 the cap on the held-out
+characters each evaluation reads, and version 4 a punctuation tagger's dropout;
+`V1_BEHAVIOUR`, `V2_BEHAVIOUR` and `V3_BEHAVIOUR` give the values that behave as those versions
+did.
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the old
 file: a crash at any moment leaves either the old checkpoint or the new one, never a torn file.
@@ -38,7 +39,7 @@ from charlm.errors import CharlmError
 from charlm.files import write_atomic  # part of this module's interface: ckpt.write_atomic
 
 FORMAT = "charlm-checkpoint"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 LATEST = "latest.ckpt"
 BEST = "best.ckpt"
 METRICS = "metrics.jsonl"
@@ -75,6 +76,9 @@ V1_BEHAVIOUR: dict[str, dict[str, Any]] = {
 }
 # Version 3 added `val_max_chars`; version 2 scored the whole held-out split at every evaluation.
 V2_BEHAVIOUR: dict[str, dict[str, Any]] = {"model": {}, "train": {"val_max_chars": None}}
+# Version 4 added a tagger's dropout rates; the taggers of version 3 trained without dropout.
+NO_TAGGER_DROPOUT = {"dropout": 0.0, "embed_dropout": 0.0, "weight_drop": 0.0}
+V3_BEHAVIOUR: dict[str, dict[str, Any]] = {"tagger": NO_TAGGER_DROPOUT, "train": NO_TAGGER_DROPOUT}
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ def _filled(meta: Any, source: str, version: int, behaviour: dict[str, dict[str,
     if not isinstance(meta, dict):
         return meta
     upgraded = dict(meta)
-    for section, cls in checkpoint_meta.config_classes().items():
+    for section, cls in checkpoint_meta.config_classes(checkpoint_meta.kind(meta)).items():
         config = meta.get(section)
         if not isinstance(config, dict):
             continue
@@ -234,7 +238,7 @@ def _filled(meta: Any, source: str, version: int, behaviour: dict[str, dict[str,
         for field in dataclasses.fields(cls):
             if field.name in filled:
                 continue
-            if field.name not in behaviour[section]:
+            if field.name not in behaviour.get(section, {}):
                 raise checkpoint_meta.field_error(
                     source,
                     f"{section}.{field.name}",
@@ -253,8 +257,12 @@ def upgrade_v2(meta: Any, source: str) -> Any:
     return _filled(meta, source, 2, V2_BEHAVIOUR)
 
 
+def upgrade_v3(meta: Any, source: str) -> Any:
+    return _filled(meta, source, 3, V3_BEHAVIOUR)
+
+
 # The upgrade from each older format version to the next.
-UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1, 2: upgrade_v2}
+UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3}
 
 
 def load_model(checkpoint: Checkpoint) -> tuple[model.Params, model.ModelConfig, Vocabulary]:

@@ -8,6 +8,12 @@ Graves et al. 2013), each reading both directions of the layer below; a linear h
 labels' logits. With `bidirectional=False` only the forward recurrence runs: the same network
 without right context, the baseline that shows what the backward direction adds.
 
+A tagger is trained on one book, which its parameters can learn by heart long before its marks
+generalise, so it is regularised as the language model is (`charlm.regularisation`, after
+AWD-LSTM): whole characters dropped from the embedding, variational dropout on every layer's
+output, and DropConnect on each direction's recurrent matrix. Each direction draws its own
+masks.
+
 Parameters are a plain pytree and every function is pure, as in `charlm.model`, whose
 `run_layer` (and through it the cells and the hand-written gradient of `charlm.recurrence`)
 runs each direction. Each direction starts from the zero state: a tagger reads whole sequences
@@ -27,6 +33,7 @@ import optax
 from charlm.model import ModelConfig, run_layer
 from charlm.products import PRECISIONS, matmul
 from charlm.recurrence import GATES, STATE_PARTS
+from charlm.regularisation import DropoutMasks, apply_mask, dropout_masks, is_regularised
 
 Params = dict[str, Any]
 DIRECTIONS = ("forward", "backward")
@@ -35,7 +42,9 @@ DIRECTIONS = ("forward", "backward")
 @dataclass(frozen=True)
 class TaggerConfig:
     """The shape of a tagger: `layers` recurrent layers of `hidden_size` per direction over an
-    embedding of `embed_size`, and a head to `num_labels` classes."""
+    embedding of `embed_size`, and a head to `num_labels` classes; and its regularisation in
+    training, as `charlm.model.ModelConfig`'s: `dropout` on every layer's output,
+    `embed_dropout` of whole characters, `weight_drop` on the recurrent matrices."""
 
     vocab_size: int
     num_labels: int
@@ -45,11 +54,14 @@ class TaggerConfig:
     embed_size: int = 64
     bidirectional: bool = True
     precision: str = "float32"
+    dropout: float = 0.0
+    embed_dropout: float = 0.0
+    weight_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_labels < 2:
             raise ValueError(f"num_labels must be at least 2, got {self.num_labels}")
-        # ModelConfig checks the cell, the sizes and the precision.
+        # ModelConfig checks the cell, the sizes, the precision and the rates.
         _ = self.layer_config
 
     @property
@@ -62,6 +74,9 @@ class TaggerConfig:
             hidden_size=self.hidden_size,
             embed_size=self.embed_size,
             precision=self.precision,
+            dropout=self.dropout,
+            embed_dropout=self.embed_dropout,
+            weight_drop=self.weight_drop,
         )
 
     @property
@@ -127,6 +142,18 @@ def init(key: jax.Array, config: TaggerConfig) -> Params:
     return {"embed": embed, "layers": layers, "head": head}
 
 
+def training_masks(
+    key: jax.Array, config: TaggerConfig, batch_size: int
+) -> tuple[DropoutMasks, ...] | None:
+    """The dropout masks of one training step of `batch_size` windows, drawn from `key`: one
+    set per direction, as `charlm.regularisation.dropout_masks` draws a language model's (the
+    first direction's embedding mask is the one used); None when the config drops nothing."""
+    if not is_regularised(config.layer_config):
+        return None
+    keys = jax.random.split(key, len(config.directions))
+    return tuple(dropout_masks(k, config.layer_config, batch_size) for k in keys)
+
+
 def reverse_time(x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """x (time, batch, …) with its time axis reversed; with `lengths` (batch,) only each
     sequence's first `lengths` steps are, and the padding after them stays in place, so that
@@ -145,45 +172,57 @@ def run_direction(
     x: jax.Array,
     reverse: bool,
     lengths: jax.Array | None = None,
+    w_h_mask: jax.Array | None = None,
 ) -> jax.Array:
     """One direction of a layer over its input x (time, batch, ·), from the zero state: its
     outputs (time, batch, hidden). The backward direction (`reverse`, Schuster & Paliwal 1997)
     runs the recurrence over the time-reversed input and reverses its outputs back, so that
-    the output at t summarises the input from t to the sequence's end."""
+    the output at t summarises the input from t to the sequence's end. A weight-drop mask
+    applies to the direction's W_h."""
     if reverse:
         x = reverse_time(x, lengths)
     x_proj = matmul(x, layer["w_x"], PRECISIONS[config.precision])
     shape = (x.shape[1], config.hidden_size)
     state = tuple(jnp.zeros(shape, x_proj.dtype) for _ in range(STATE_PARTS[config.cell]))
-    outputs, _ = run_layer(config.layer_config, layer, x_proj, state)
+    outputs, _ = run_layer(config.layer_config, layer, x_proj, state, w_h_mask)
     return reverse_time(outputs, lengths) if reverse else outputs
 
 
 def features(
-    params: Params, tokens: jax.Array, config: TaggerConfig, lengths: jax.Array | None = None
+    params: Params,
+    tokens: jax.Array,
+    config: TaggerConfig,
+    lengths: jax.Array | None = None,
+    masks: tuple[DropoutMasks, ...] | None = None,
 ) -> jax.Array:
     """The last layer's outputs (time, batch, output_size) for integer tokens (time, batch),
     time-major as the scans run: a deep bidirectional RNN (Schuster & Paliwal 1997), each layer
     its directions' outputs side by side, forward first. `lengths` (batch,), when sequences
-    are padded at the end, keeps the padding out of the backward direction's outputs."""
-    x = params["embed"][tokens]
-    for layer in params["layers"]:
-        x = jnp.concatenate(
-            [
-                run_direction(config, layer[name], x, name == "backward", lengths)
-                for name in config.directions
-            ],
-            axis=-1,
-        )
+    are padded at the end, keeps the padding out of the backward direction's outputs. `masks`
+    (training, `training_masks`) drop characters, outputs and recurrent weights."""
+    embed = params["embed"] if masks is None else apply_mask(params["embed"], masks[0].embed)
+    x = embed[tokens]
+    for n, layer in enumerate(params["layers"]):
+        outputs = []
+        for d, name in enumerate(config.directions):
+            w_h_mask = None if masks is None else masks[d].w_h[n]
+            out = run_direction(config, layer[name], x, name == "backward", lengths, w_h_mask)
+            outputs.append(out if masks is None else apply_mask(out, masks[d].outputs[n]))
+        x = jnp.concatenate(outputs, axis=-1)
     return x
 
 
 def apply(
-    params: Params, tokens: jax.Array, config: TaggerConfig, lengths: jax.Array | None = None
+    params: Params,
+    tokens: jax.Array,
+    config: TaggerConfig,
+    lengths: jax.Array | None = None,
+    masks: tuple[DropoutMasks, ...] | None = None,
 ) -> jax.Array:
     """Logits (batch, time, num_labels) for integer tokens (batch, time): the bidirectional
-    RNN of Schuster & Paliwal (1997), `features`, and the linear head."""
-    x = features(params, jnp.swapaxes(tokens, 0, 1), config, lengths)
+    RNN of Schuster & Paliwal (1997), `features` (with dropout `masks` in training), and the
+    linear head."""
+    x = features(params, jnp.swapaxes(tokens, 0, 1), config, lengths, masks)
     logits = matmul(x, params["head"]["w"], PRECISIONS[config.precision]) + params["head"]["b"]
     return jnp.swapaxes(logits, 0, 1)
 
@@ -195,12 +234,14 @@ def loss(
     config: TaggerConfig,
     weights: jax.Array | None = None,
     lengths: jax.Array | None = None,
+    masks: tuple[DropoutMasks, ...] | None = None,
 ) -> jax.Array:
     """The mean cross-entropy, in nats, of the labels (batch, time) under `apply`'s logits (the
     BRNN of Schuster & Paliwal 1997): the mean over positions weighted by `weights` (batch,
     time), whose 0s leave out padding; 0 where every weight is 0. The padding reaches the
-    backward direction's outputs unless `lengths` are given too."""
-    logits = apply(params, tokens, config, lengths)
+    backward direction's outputs unless `lengths` are given too. `masks` are training's
+    dropout."""
+    logits = apply(params, tokens, config, lengths, masks)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     if weights is None:
         return jnp.mean(losses)

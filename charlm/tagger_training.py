@@ -56,6 +56,9 @@ from charlm.tagging import (
 )
 from charlm.training import TrainResult, _stop_on_interrupt
 
+# Dropout's keys come from the run's seed folded with this, apart from the initialisation's.
+DROPOUT_STREAM = 1
+
 
 @dataclass(frozen=True)
 class TaggerSession:
@@ -142,13 +145,19 @@ def initialised_from(
     return {**params, "embed": jnp.asarray(embed), "layers": layers}, note
 
 
-def make_step(config: tagger.TaggerConfig, optimizer: optax.GradientTransformation):
+def make_step(config: tagger.TaggerConfig, optimizer: optax.GradientTransformation, seed: int):
     """The compiled step: (state, tokens, labels, lr) -> (state, loss), as
-    `charlm.step.make_train_step` for a language model; the state's buffers are donated."""
+    `charlm.step.make_train_step` for a language model; the state's buffers are donated. Its
+    dropout masks are drawn from `seed` and the step number, so a resumed run draws the same."""
+    dropout_key = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
 
     @partial(jax.jit, donate_argnums=0)
     def step(state, tokens, labels, lr):
-        loss, grads = jax.value_and_grad(tagger.loss)(state["params"], tokens, labels, config)
+        key = jax.random.fold_in(dropout_key, state["step"])
+        masks = tagger.training_masks(key, config, tokens.shape[0])
+        loss, grads = jax.value_and_grad(tagger.loss)(
+            state["params"], tokens, labels, config, masks=masks
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         updates = jax.tree.map(lambda u: lr * u, updates)
         params = optax.apply_updates(state["params"], updates)
@@ -198,7 +207,7 @@ def train_tagger(
         state = {group: loaded.tree(group, tree) for group, tree in state.items()}
     state["step"] = jnp.asarray(loaded.meta["step"] if loaded else 0, jnp.int32)
     step = start_step = int(state["step"])
-    train_step = make_step(model_config, optimizer)
+    train_step = make_step(model_config, optimizer, config.seed)
     losses = RecentLosses(config.batch_size * config.seq_len)
     val_loss: float | None = loaded.meta["val_loss"] if loaded else None
     val_f1: float | None = loaded.meta["val_break_f1"] if loaded else None

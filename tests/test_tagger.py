@@ -211,6 +211,45 @@ def test_loss_gradients_match_finite_differences(cell):
                 )
 
 
+def batch_first_features(params, tokens, config, masks=None):
+    return jnp.swapaxes(
+        tagger.features(params, jnp.swapaxes(tokens, 0, 1), config, None, masks), 0, 1
+    )
+
+
+@pytest.mark.parametrize("rate", ["dropout", "embed_dropout", "weight_drop"])
+def test_dropout_masks_do_what_each_kind_says(rate):
+    """On a one-layer tagger: output dropout scales each direction's outputs unit by unit with
+    one mask per sequence for all its time steps; embedding dropout zeroes whole characters'
+    rows; weight drop masks each direction's W_h. The directions draw their own masks."""
+    config, params, tokens = setup("lstm", layers=1, **{rate: 0.5})
+    plain = dataclasses.replace(config, **{rate: 0.0})
+    assert tagger.training_masks(jax.random.key(1), plain, BATCH) is None
+    masks = tagger.training_masks(jax.random.key(1), config, BATCH)
+    assert masks is not None and len(masks) == 2
+    dropped = batch_first_features(params, tokens, config, masks)
+    if rate == "dropout":
+        first, second = (m.outputs[0] for m in masks)
+        assert first.shape == (BATCH, config.hidden_size)
+        assert not np.array_equal(first, second)
+        scale = jnp.concatenate([first, second], axis=-1)[:, None, :]
+        expected = batch_first_features(params, tokens, plain) * scale
+    elif rate == "embed_dropout":
+        assert masks[0].embed.shape == (config.vocab_size, 1)
+        expected = batch_first_features(
+            {**params, "embed": params["embed"] * masks[0].embed}, tokens, plain
+        )
+    else:
+        layer = {
+            name: {**params["layers"][0][name], "w_h": params["layers"][0][name]["w_h"] * m.w_h[0]}
+            for name, m in zip(config.directions, masks)
+        }
+        assert not np.array_equal(masks[0].w_h[0], masks[1].w_h[0])
+        expected = batch_first_features({**params, "layers": [layer]}, tokens, plain)
+    np.testing.assert_allclose(dropped, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(dropped, batch_first_features(params, tokens, plain), atol=1e-3)
+
+
 def test_bfloat16_stays_close_to_float32():
     config, params, tokens = setup("lstm")
     _, logits = features_and_logits(params, jnp.asarray(tokens), config)

@@ -3,6 +3,7 @@ charlm.tagger_training, charlm.punctuation_scores)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 import charlm
 from charlm import checkpoint as ckpt
@@ -135,6 +138,8 @@ def test_resume_continues_bit_for_bit(tmp_path: Path):
     assert resumed.step == 40
     expected = ckpt.load(Path("whole") / ckpt.LATEST)
     actual = ckpt.load(Path("halves") / ckpt.LATEST)
+    # Dropout is on by default: its masks, too, are a function of the seed and the step.
+    assert expected.meta["tagger"]["dropout"] > 0 and expected.meta["tagger"]["weight_drop"] > 0
     assert set(actual.arrays) == set(expected.arrays)
     for name in expected.arrays:
         np.testing.assert_array_equal(actual.arrays[name], expected.arrays[name], err_msg=name)
@@ -177,6 +182,32 @@ def test_a_tagger_metadata_is_checked_field_by_field(tagger_run: Path):
     without_kind = {name: value for name, value in meta.items() if name != "kind"}
     with pytest.raises(CharlmError, match="unknown metadata field"):
         checkpoint_meta.validate(without_kind, "t")
+
+
+def test_a_version_3_tagger_loads_as_the_tagger_without_dropout_it_was(
+    tagger_run: Path, tmp_path: Path
+):
+    """Version 4 added the tagger's dropout rates; version 3's taggers trained without any."""
+    with safetensors.safe_open(tagger_run / ckpt.LATEST, "numpy") as f:
+        header = f.metadata()
+    arrays = safetensors.numpy.load_file(tagger_run / ckpt.LATEST)
+    meta = json.loads(header["meta"])
+    for section in ("tagger", "train"):
+        for name in ckpt.NO_TAGGER_DROPOUT:
+            del meta[section][name]
+    old = tmp_path / "v3.ckpt"
+    header.update(format_version="3", meta=json.dumps(meta, ensure_ascii=False))
+    safetensors.numpy.save_file(arrays, str(old), metadata=header)
+    loaded = Tagger.load(old)
+    assert (loaded.config.dropout, loaded.config.embed_dropout, loaded.config.weight_drop) == (
+        0,
+        0,
+        0,
+    )
+    assert loaded.meta["train"]["dropout"] == 0
+    text = "刘备曰天下大势分久必合合久必分"
+    current = Tagger.load(tagger_run / ckpt.LATEST)
+    np.testing.assert_array_equal(loaded.labels(text)[0], current.labels(text)[0])
 
 
 def test_init_from_copies_the_language_model_through_the_vocabularies(tmp_path: Path):

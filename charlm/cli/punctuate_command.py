@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from charlm.cli.common import checkpoint_option, user_errors
+from charlm.cli.common import checkpoint_option, rate_option, user_errors
 from charlm.cli.model_commands import train as train_language_model
 from charlm.errors import CharlmError
 
@@ -172,13 +172,22 @@ def shared_with_train(command: click.Command) -> click.Command:
     type=click.IntRange(min=4),
     help="Characters per window, in training and in tagging. [default: 100]",
 )
+@rate_option(
+    "--dropout",
+    "Variational dropout on every layer's output, each direction and window its own.",
+    0.4,
+)
+@rate_option("--embed-dropout", "Drop whole characters from the embedding, per step.", 0.1)
+@rate_option(
+    "--weight-drop", "DropConnect on each direction's recurrent weights W_h, per step.", 0.4
+)
 @click.option(
     "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate. [default: 0.005]"
 )
 @click.option(
     "--seed",
     type=click.IntRange(0, 2**63 - 1),
-    help="Seed for initialisation and the training windows. [default: 0]",
+    help="Seed for initialisation, the training windows and dropout. [default: 0]",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @user_errors
