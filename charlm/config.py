@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from charlm import model
 from charlm.errors import CharlmError
@@ -13,6 +14,17 @@ DEFAULT_EPOCHS = 10
 # "auto" is resolved when a run starts (`charlm.hardware.auto_precision`); checkpoints record
 # the precision it chose.
 PRECISION_CHOICES = ("auto", *model.PRECISIONS)
+
+
+def shared_fields(source: Any, cls: type) -> dict[str, Any]:
+    """The values of the fields of the dataclass instance `source` that the dataclass `cls`
+    also has, by name: how one config passes on the options it shares with another."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    return {
+        field.name: getattr(source, field.name)
+        for field in dataclasses.fields(source)
+        if field.name in names
+    }
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from charlm.config import shared_fields
 from charlm.model import ModelConfig, run_layer
 from charlm.products import PRECISIONS, matmul
 from charlm.recurrence import GATES, STATE_PARTS
@@ -67,17 +68,7 @@ class TaggerConfig:
     @property
     def layer_config(self) -> ModelConfig:
         """The language model's config with which `model.run_layer` runs one direction."""
-        return ModelConfig(
-            vocab_size=self.vocab_size,
-            cell=self.cell,
-            layers=self.layers,
-            hidden_size=self.hidden_size,
-            embed_size=self.embed_size,
-            precision=self.precision,
-            dropout=self.dropout,
-            embed_dropout=self.embed_dropout,
-            weight_drop=self.weight_drop,
-        )
+        return ModelConfig(**shared_fields(self, ModelConfig))
 
     @property
     def directions(self) -> tuple[str, ...]:

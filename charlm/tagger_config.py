@@ -13,10 +13,9 @@ loss from rising.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from charlm.config import TrainConfig
+from charlm.config import TrainConfig, shared_fields
 from charlm.errors import CharlmError
 from charlm.punctuation import DEFAULT_MAX_LABELS
 from charlm.tagger import TaggerConfig
@@ -61,14 +60,7 @@ class TaggerTrainConfig:
     def shared(self) -> TrainConfig:
         """The language model's TrainConfig with the options the two runs share (its own
         defaults for the rest, which nothing of a tagger's run reads)."""
-        names = {field.name for field in dataclasses.fields(TrainConfig)}
-        return TrainConfig(
-            **{
-                field.name: getattr(self, field.name)
-                for field in dataclasses.fields(self)
-                if field.name in names
-            }
-        )
+        return TrainConfig(**shared_fields(self, TrainConfig))
 
     def validate(self) -> None:
         self.shared.validate()
@@ -80,15 +72,5 @@ class TaggerTrainConfig:
         if self.precision == "auto":
             raise ValueError("resolve precision 'auto' first: charlm.hardware.auto_precision")
         return TaggerConfig(
-            vocab_size=vocab_size,
-            num_labels=num_labels,
-            cell=self.cell,
-            layers=self.layers,
-            hidden_size=self.hidden_size,
-            embed_size=self.embed_size,
-            bidirectional=self.bidirectional,
-            precision=self.precision,
-            dropout=self.dropout,
-            embed_dropout=self.embed_dropout,
-            weight_drop=self.weight_drop,
+            vocab_size=vocab_size, num_labels=num_labels, **shared_fields(self, TaggerConfig)
         )
