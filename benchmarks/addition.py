@@ -2,7 +2,7 @@
 
 Generates the `addition` corpus (8-bit operands, least-significant bit first), trains a
 one-layer LSTM on it in rounds, and after each round completes `a+b=` greedily for 1,000 pairs
-of 8-bit operands that are not in the training text (charlm.addition.accuracy), counting the
+of 8-bit operands that are not in the training text (charlm.data.addition.accuracy), counting the
 exact sums. It stops at the target (99%) or when the time limit is reached, then scores 1,000
 pairs of 12-bit operands, a width the model never saw. The result, with the machine, the date
 and the commit, is written to benchmarks/RESULTS-addition.md.
@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 import charlm
-from charlm import addition, hardware
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
+from charlm.data import addition
+from charlm.devices import hardware
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The recipe of charlm.addition, with the schedule the recorded result was measured with.
+# The recipe of charlm.data.addition, with the schedule the recorded result was measured with.
 MODEL = addition.MODEL
 TRAINING = dict(addition.TRAINING, min_lr=1e-4, warmup_steps=100)
 

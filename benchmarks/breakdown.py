@@ -33,10 +33,12 @@ from run import (
 )
 from torch import nn
 
-from charlm import hardware, model, runtime
-from charlm.config import TrainConfig
-from charlm.loss import head_loss
-from charlm.step import init_state, make_optimizer, make_train_step, sequence_loss
+from charlm.devices import hardware
+from charlm.devices import process_settings as runtime
+from charlm.lm import model
+from charlm.lm.config import TrainConfig
+from charlm.lm.loss import head_loss
+from charlm.lm.step import init_state, make_optimizer, make_train_step, sequence_loss
 
 REPEATS = 15
 

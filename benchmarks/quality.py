@@ -44,11 +44,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from charlm import checkpoint as ckpt
-from charlm import hardware
-from charlm.corpus import read_text
-from charlm.data import Corpus, load_corpus
-from charlm.evaluation import unigram_nats
+from charlm.checkpoints import file_format as ckpt
+from charlm.data.corpus import Corpus, load_corpus
+from charlm.data.text import read_text
+from charlm.devices import hardware
+from charlm.inference.evaluation import unigram_nats
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = ROOT.parent / "shared" / "corpora"

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm import hardware, model, runtime
-from charlm.config import TrainConfig
-from charlm.evaluation import total_nats
-from charlm.sampling import generate
-from charlm.step import init_state, make_optimizer, make_train_step
+from charlm.devices import hardware
+from charlm.devices import process_settings as runtime
+from charlm.inference.evaluation import total_nats
+from charlm.inference.sampling import generate
+from charlm.lm import model
+from charlm.lm.config import TrainConfig
+from charlm.lm.step import init_state, make_optimizer, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"

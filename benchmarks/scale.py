@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm import hardware
+from charlm.devices import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,8 @@ CHILD = textwrap.dedent(
 )
 
 TOKENIZE = """
-from charlm import runtime, tokens
+from charlm.devices import process_settings as runtime
+from charlm.data import token_files as tokens
 runtime.reuse_freed_memory()
 start = time.perf_counter()
 opened = tokens.open_tokens(args["corpus"])
@@ -73,7 +74,10 @@ result.update(seconds=time.perf_counter() - start, characters=len(opened.tokens)
 # timed steps, then one evaluation and checkpoint (in the memory figure, not the time). With
 # "in_ram" the token file is read whole into memory first, as charlm held every corpus before.
 TRAIN = """
-from charlm import cluster, data, runtime, tokens
+from charlm.devices import cluster
+from charlm.data.corpus import corpus as data
+from charlm.devices import process_settings as runtime
+from charlm.data import token_files as tokens
 if args.get("coordinator"):
     cluster.join(args["coordinator"], 2, args["process_id"])
 runtime.reuse_freed_memory()
@@ -84,9 +88,9 @@ if args["in_ram"]:
         return tokens.TokenFile(opened.path, opened.corpus_sha256, opened.vocab,
                                 np.array(opened.tokens))
     data.open_tokens = in_ram
-from charlm.parallel import DataParallel
-from charlm.session import open_session
-from charlm.training import TrainingRun
+from charlm.devices.data_parallel import DataParallel
+from charlm.training.run_setup import open_session
+from charlm.training.loop import TrainingRun
 session = open_session(args["corpus"], None, args["run"], False, {}, False)
 run = TrainingRun(session, DataParallel.over(args["devices"]), False, time.monotonic())
 for _ in range(20):

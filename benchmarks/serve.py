@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from charlm import hardware
+from charlm.devices import hardware
 
 
 def start_server(checkpoint: str, max_length: int) -> tuple[subprocess.Popen, str, float]:

@@ -16,11 +16,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "charlm.training",
-    "TrainConfig": "charlm.training",
-    "sample": "charlm.sampling",
-    "perplexity": "charlm.evaluation",
-    "ModelConfig": "charlm.model",
+    "train": "charlm.training.loop",
+    "TrainConfig": "charlm.training.loop",
+    "sample": "charlm.inference.sampling",
+    "perplexity": "charlm.inference.evaluation",
+    "ModelConfig": "charlm.lm.model",
     "CharlmError": "charlm.errors",
 }
 

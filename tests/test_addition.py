@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import charlm
-from charlm import addition
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
+from charlm.data import addition
 from charlm.errors import CharlmError
 
-# charlm.addition's recipe: 2,500 steps (about 25 s on 2 cores) gave 99-100% on held-out
+# charlm.data.addition's recipe: 2,500 steps (about 25 s on 2 cores) gave 99-100% on held-out
 # 5-bit sums for five seeds.
 ADDITION_MODEL = dict(
     addition.MODEL, **addition.TRAINING, warmup_steps=50, steps=2500, eval_every=2500

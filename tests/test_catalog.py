@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_CORPORA
 
-from charlm import catalog
-from charlm.catalog import Entry
-from charlm.corpus import read_text, sha256_file
+from charlm.data import catalog
+from charlm.data.catalog import Entry
+from charlm.data.text import read_text, sha256_file
 from charlm.errors import CharlmError
 
 HEADER = "《演义》（精校版）\n \n内容简介\n\n目录：第一回至第三回\n\n".encode()

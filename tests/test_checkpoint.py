@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_checkpoint_meta import run_meta
 
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
 from charlm.errors import CharlmError
 
 
@@ -100,7 +100,7 @@ def test_process_killed_while_writing_leaves_a_whole_checkpoint(tmp_path: Path):
         f"""
         import json
         import numpy as np
-        from charlm import checkpoint as ckpt
+        from charlm.checkpoints import file_format as ckpt
         meta = json.loads({json.dumps(run_meta())!r})
         blobs = [
             ckpt.encode(dict(meta, step=s), {{"w": np.full(4_000_000, s, np.float32)}})

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from conftest import TINY
 
 import charlm
-from charlm import checkpoint as ckpt
-from charlm import model
+from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
-from charlm.config import TrainConfig
 from charlm.errors import CharlmError
+from charlm.lm import model
+from charlm.lm.config import TrainConfig
 
 
 def run_meta(vocab: str = "ab出战") -> dict[str, Any]:

@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import SHARED_CORPORA
 
-from charlm import __version__, addition, catalog
+from charlm import __version__
 from charlm.cli import main
+from charlm.data import addition, catalog
 
 TINY_ARGS = ["--hidden-size", "32", "--embed-size", "8", "--batch-size", "4", "--seq-len", "16"]
 
@@ -174,7 +175,7 @@ def test_train_help_states_the_real_defaults():
     import re
 
     from charlm.cli import train
-    from charlm.config import TrainConfig
+    from charlm.lm.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     checked = 0
@@ -281,7 +282,7 @@ def test_get_and_train_by_name_through_the_mirror(tmp_path: Path, monkeypatch: p
     assert "1,804,353 bytes" in got.stdout and "sha256 verified" in got.stdout
     trained = run("train", "tinyshakespeare", *TINY_ARGS, "--steps", "2", "--quiet")
     assert trained.exit_code == 0, trained.output
-    from charlm import checkpoint as ckpt
+    from charlm.checkpoints import file_format as ckpt
 
     meta = ckpt.load(Path("runs/tinyshakespeare") / ckpt.LATEST).meta
     assert meta["corpus"]["path"] == str(catalog.local_path("tinyshakespeare").resolve())

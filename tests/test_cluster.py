@@ -22,8 +22,8 @@ import pytest
 from conftest import TINY
 
 import charlm
-from charlm import checkpoint as ckpt
-from charlm import cluster
+from charlm.checkpoints import file_format as ckpt
+from charlm.devices import cluster
 
 OPTIONS = dict(TINY, batch_size=8, decay_steps=8, eval_every=4)
 # float32 tolerance: two processes' halves of the batch are summed in another order.
@@ -32,8 +32,8 @@ TOLERANCE = dict(rtol=2e-5, atol=2e-6)
 # One process of a run, through the library, printing how its run ended.
 PROCESS = r"""
 import json, sys
-from charlm import cluster
-from charlm.training import train
+from charlm.devices import cluster
+from charlm.training.loop import train
 coordinator, count, index, corpus, run_dir, options = sys.argv[1:7]
 cluster.join(coordinator, int(count), int(index))
 options = json.loads(options)

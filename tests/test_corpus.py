@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from charlm.corpus import Vocabulary, read_text, sha256_file
-from charlm.data import BatchStream, load_corpus
+from charlm.data.corpus import BatchStream, load_corpus
+from charlm.data.text import Vocabulary, read_text, sha256_file
 from charlm.errors import CharlmError
 
 

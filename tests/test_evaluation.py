@@ -17,12 +17,17 @@ from conftest import TINY, mixed_text
 from test_cli import assert_one_line_error, run
 
 import charlm
-from charlm import checkpoint as ckpt
-from charlm import model
+from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
-from charlm.dynamic import DEFAULT_DECAY, DEFAULT_LR, DEFAULT_SEGMENT_LEN, DynamicEvaluation
 from charlm.errors import CharlmError
-from charlm.evaluation import Perplexity, total_nats, unigram_nats
+from charlm.inference.dynamic_evaluation import (
+    DEFAULT_DECAY,
+    DEFAULT_LR,
+    DEFAULT_SEGMENT_LEN,
+    DynamicEvaluation,
+)
+from charlm.inference.evaluation import Perplexity, total_nats, unigram_nats
+from charlm.lm import model
 
 
 def test_unigram_baseline_is_the_add_one_frequency_model():

@@ -40,7 +40,10 @@ def test_language_model_of_format_4_scores_and_samples_as_before(name: str) -> N
 def test_tagger_of_format_4_punctuates_and_scores_as_before() -> None:
     checkpoint, corpus = str(FORMAT4 / "tagger.ckpt"), str(FORMAT4 / "sanguo-mini.txt")
     expected = EXPECTED["tagger.ckpt"]
-    assert charlm("punctuate", "-c", checkpoint, input="曹操引兵出战关羽大怒\n") == expected["punctuate"]
+    assert (
+        charlm("punctuate", "-c", checkpoint, input="曹操引兵出战关羽大怒\n")
+        == expected["punctuate"]
+    )
     scores = json.loads(charlm("punctuate", "score", "-c", checkpoint, corpus, "--json"))
     assert scores["breaks"]["f1"] == pytest.approx(expected["break_f1"], rel=1e-6)
 

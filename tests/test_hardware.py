@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from charlm import hardware
+from charlm.devices import hardware
 
 ZEN4_FLAGS = "fpu sse2 avx avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni"
 SAPPHIRE_RAPIDS_FLAGS = "sse2 avx2 fma avx512f avx512_fp16 amx_bf16 amx_tile amx_int8"

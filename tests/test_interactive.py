@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from charlm.cli import main
-from charlm.interactive import Quit, Settings, apply_command
-from charlm.sampling import SampleError, Sampler
+from charlm.inference.interactive import Quit, Settings, apply_command
+from charlm.inference.sampling import SampleError, Sampler
 
 
 def expected(run: Path, prime: str, **options) -> str:

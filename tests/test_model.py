@@ -12,13 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charlm import model, products, recurrence, regularisation
-from charlm.config import TrainConfig
-from charlm.corpus import Vocabulary
-from charlm.data import BatchStream
-from charlm.loss import head_loss
-from charlm.regularisation import DROPOUTS
-from charlm.step import (
+from charlm.data.corpus import BatchStream
+from charlm.data.text import Vocabulary
+from charlm.lm import dropout as regularisation
+from charlm.lm import matmul as products
+from charlm.lm import model, recurrence
+from charlm.lm.config import TrainConfig
+from charlm.lm.dropout import DROPOUTS
+from charlm.lm.loss import head_loss
+from charlm.lm.step import (
     init_state,
     learning_rate,
     make_optimizer,
@@ -355,7 +357,7 @@ def test_head_loss_equals_the_loss_of_whole_logits(precision, monkeypatch):
     """`head_loss` makes the logits a few rows at a time (here 4 of 21, so the last chunk is
     padded) and its gradients in the forward pass: its value and gradients must be those of
     the plain cross-entropy of `matmul`'s logits, and scale with the loss's cotangent."""
-    monkeypatch.setattr("charlm.loss.LOSS_CHUNK", 4)
+    monkeypatch.setattr("charlm.lm.loss.LOSS_CHUNK", 4)
     dtype = model.PRECISIONS[precision]
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(7, 3, 16)), jnp.float32)

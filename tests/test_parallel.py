@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY
 
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 
 # Trainings of the same global batch on 1, 2 and 4 devices, a step of a fresh run on 2 devices
@@ -26,9 +26,9 @@ from charlm.cli import main
 # decay horizon is fixed at 8 steps so that a run stopped at 4 and resumed is the run of 8.
 CHILD = r"""
 import json, shutil, sys, time
-from charlm.parallel import DataParallel
-from charlm.session import open_session
-from charlm.training import TrainingRun, train
+from charlm.devices.data_parallel import DataParallel
+from charlm.training.run_setup import open_session
+from charlm.training.loop import TrainingRun, train
 
 corpus, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 options.update(steps=8, decay_steps=8, eval_every=4, progress=False)
@@ -46,8 +46,8 @@ run.train_step()
 carry, params = run.state["carry"][0][0], run.state["params"]["head"]["b"]
 
 import jax, numpy as np
-from charlm import checkpoint as ckpt
-from charlm.sampling import generate
+from charlm.checkpoints import file_format as ckpt
+from charlm.inference.sampling import generate
 model = ckpt.load_model(ckpt.load(f"{out}/on-1/latest.ckpt"))[:2]
 samples = {
     devices: np.concatenate(list(generate(

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from test_tagging import TINY_TAGGER, punctuated_text, working_directory
 
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 
 TINY_ARGS = [
@@ -152,7 +152,7 @@ def test_help_shows_the_tagging_options_and_the_subcommands():
 
 def test_train_help_states_the_real_defaults():
     from charlm.cli.punctuate_command import train
-    from charlm.tagger_config import TaggerTrainConfig
+    from charlm.punctuation.config import TaggerTrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TaggerTrainConfig)}
     checked = 0

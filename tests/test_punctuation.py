@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from charlm.errors import CharlmError
-from charlm.punctuation import MarkSet, is_mark, punctuate, strip_and_label
+from charlm.punctuation.marks import MarkSet, is_mark, punctuate, strip_and_label
 
 CHINESE = (
     "曹操曰：“天下英雄，唯使君与操耳！”玄德闻言，吃了一惊。\n《三国演义》第一回、第二回？是也。"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 from charlm.errors import CharlmError
-from charlm.runs import find_runs, read_metrics, summarize, training_seconds
+from charlm.runs.listing import find_runs, read_metrics, summarize, training_seconds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""The process settings of charlm.runtime, each checked in a fresh interpreter."""
+"""The process settings of charlm.devices.process_settings, each checked in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 PAGE_FAULTS_PER_CALL = textwrap.dedent(
     """
     import resource, sys
-    from charlm import runtime
+    from charlm.devices import process_settings as runtime
     applied = runtime.reuse_freed_memory() if sys.argv[1] == "reuse" else None
     import jax, jax.numpy as jnp
     with_temporary = jax.jit(lambda x: jnp.tanh(x) @ x[0])

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import charlm
-from charlm import checkpoint as ckpt
-from charlm import model
+from charlm.checkpoints import file_format as ckpt
 from charlm.errors import CharlmError
-from charlm.sampling import (
+from charlm.inference.sampling import (
     SampleError,
     draw,
     filter_logits,
@@ -22,6 +21,7 @@ from charlm.sampling import (
     inverse_cdf,
     sample_stream,
 )
+from charlm.lm import model
 
 
 def test_same_seed_same_text_whatever_the_chunking(trained_run: Path):

@@ -25,10 +25,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import mixed_text
 
-from charlm import checkpoint as ckpt
+from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
-from charlm.evaluation import perplexity
-from charlm.sampling import Sampler
+from charlm.inference.evaluation import perplexity
+from charlm.inference.sampling import Sampler
 
 # Long enough that a generation nobody stopped would run on for many seconds.
 MAX_LENGTH = 1_000_000
@@ -382,7 +382,7 @@ def test_page_streams_in_a_headless_browser(server: Server, tmp_path: Path):
 
 
 def test_an_unexpected_error_is_a_500_and_the_server_goes_on(sampler: Sampler):
-    from charlm.server import create_app
+    from charlm.inference.server import create_app
 
     def broken_stream(prime: str, **options: Any) -> Iterator[list[str]]:
         yield [prime]

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from charlm import tagger
-from charlm.tagger import TaggerConfig
+from charlm.punctuation import model as tagger
+from charlm.punctuation.model import TaggerConfig
 
 CELLS = ["lstm", "gru", "rnn"]
 SMALL = dict(vocab_size=7, num_labels=3, embed_size=4, hidden_size=5, layers=2)

@@ -1,5 +1,5 @@
-"""The tagger's training run, windows, checkpoints and scores (charlm.tagging,
-charlm.tagger_training, charlm.punctuation_scores)."""
+"""The tagger's training run, windows, checkpoints and scores (charlm.punctuation.tagger,
+charlm.punctuation.training, charlm.punctuation.scores)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import safetensors
 import safetensors.numpy
 
 import charlm
-from charlm import checkpoint as ckpt
-from charlm import checkpoint_meta
+from charlm.checkpoints import file_format as ckpt
+from charlm.checkpoints import schema as checkpoint_meta
 from charlm.errors import CharlmError
-from charlm.punctuation_scores import score_labels
-from charlm.tagger_training import train_tagger
-from charlm.tagging import Tagger, score_tagger, window_batch, window_plan
+from charlm.punctuation.scores import score_labels
+from charlm.punctuation.tagger import Tagger, score_tagger, window_batch, window_plan
+from charlm.punctuation.training import train_tagger
 
 # A tagger small enough to train in a few seconds on 2 cores; float32 on every machine.
 TINY_TAGGER = dict(

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import mixed_text
 
-from charlm import corpus, tokens
-from charlm.corpus import Vocabulary, read_text
+from charlm.data import text as corpus
+from charlm.data import token_files as tokens
+from charlm.data.text import Vocabulary, read_text
 from charlm.errors import CharlmError
 
 
@@ -196,7 +197,8 @@ def test_bad_text_is_one_line(tmp_path: Path, content: bytes, encoding: str | No
 MEASURE = textwrap.dedent(
     """
     import sys, threading, time
-    from charlm import corpus, tokens
+    from charlm.data import text as corpus
+    from charlm.data import token_files as tokens
 
     def anon_kib():
         for line in open("/proc/self/status"):

@@ -18,14 +18,15 @@ import pytest
 from conftest import TINY
 
 import charlm
-from charlm import checkpoint as ckpt
-from charlm import hardware, model
-from charlm.config import TrainConfig
+from charlm.checkpoints import file_format as ckpt
+from charlm.devices import hardware
 from charlm.errors import CharlmError
-from charlm.loss import head_loss
-from charlm.regularisation import dropout_masks
-from charlm.step import learning_rate, sequence_loss
-from charlm.training import TrainingDiverged
+from charlm.lm import model
+from charlm.lm.config import TrainConfig
+from charlm.lm.dropout import dropout_masks
+from charlm.lm.loss import head_loss
+from charlm.lm.step import learning_rate, sequence_loss
+from charlm.training.loop import TrainingDiverged
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -325,8 +326,8 @@ def test_bfloat16_run_trains_resumes_and_records_its_precision(corpus_file: Path
 def test_each_evaluation_reads_at_most_val_max_chars(corpus_file: Path):
     """The recorded validation loss is the score of the first --val-max-chars held-out
     characters, not of the whole split (which is much longer)."""
-    from charlm.data import load_corpus
-    from charlm.evaluation import Validation
+    from charlm.data.corpus import load_corpus
+    from charlm.inference.evaluation import Validation
 
     result = charlm.train(str(corpus_file), steps=5, val_max_chars=300, progress=False, **TINY)
     loaded = ckpt.load(result.run_dir / ckpt.LATEST)

@@ -1,6 +1,6 @@
 """The `charlm` command: a thin click shell over charlm.train, charlm.sample, charlm.perplexity,
-the punctuation tagger (charlm.tagger_training, charlm.tagging) and the corpus catalog
-(charlm.catalog).
+the punctuation tagger (charlm.punctuation.training, charlm.punctuation.tagger) and the corpus catalog
+(charlm.data.catalog).
 
 Nothing here imports JAX at module level, so `charlm --help` answers at once: each command
 imports what it runs when it runs. A CharlmError becomes one line on stderr and exit status 1

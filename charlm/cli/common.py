@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from charlm import runtime
+from charlm.devices import process_settings as runtime
 from charlm.errors import CharlmError
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
@@ -53,7 +53,7 @@ def rate_option(flag: str, what: str, default: float) -> Callable[..., Any]:
 
 def user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
     """Print a CharlmError as one line and exit 1; never show a traceback for bad input.
-    A command that `compiles` first makes the process settings of `charlm.runtime`; the others
+    A command that `compiles` first makes the process settings of `charlm.devices.process_settings`; the others
     (the corpus commands) never import JAX."""
 
     @functools.wraps(command)

@@ -23,7 +23,7 @@ def corpus() -> None:
 @user_errors_without_jax
 def corpus_list() -> None:
     """Show the catalog, and which corpora are here (with their sizes)."""
-    from charlm import catalog
+    from charlm.data import catalog
 
     entries = catalog.load_catalog().values()
     width = max(len(entry.name) for entry in entries) + 2
@@ -67,7 +67,7 @@ def corpus_get(name: str, timeout: float, quiet: bool, **options: Any) -> None:
 
     A corpus already here and intact is kept. Nothing is left behind when a download fails.
     """
-    from charlm import catalog
+    from charlm.data import catalog
 
     given = {key: value for key, value in options.items() if value is not None}
     fetched = catalog.get(name, timeout=timeout, progress=not quiet, **given)

@@ -182,7 +182,7 @@ def train(
     the run directory keeps latest.ckpt, best.ckpt (lowest validation loss) and metrics.jsonl.
     Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
     """
-    from charlm import cluster
+    from charlm.devices import cluster
 
     if cluster.is_requested(coordinator, num_processes, process_id):
         if run_dir is None:
@@ -195,7 +195,7 @@ def train(
             sys.exit(cluster.supervise(command, Path(run_dir), process_id, coordinator))
     # Before anything else of JAX's: a process joins its run first.
     cluster.join(coordinator, num_processes, process_id)
-    from charlm.training import train as run_training
+    from charlm.training.loop import train as run_training
 
     overrides = {name: value for name, value in options.items() if value is not None}
     result = run_training(
@@ -283,8 +283,8 @@ def sample(
 
     With several samples the first streams and the others follow, separated by a line of dashes.
     """
-    from charlm.corpus import read_text
-    from charlm.sampling import Sampler
+    from charlm.data.text import read_text
+    from charlm.inference.sampling import Sampler
 
     if sum(given is not None for given in (prime, prime_file)) + interactive > 1:
         raise CharlmError("give one of --prime, --prime-file and --interactive")
@@ -313,8 +313,8 @@ def _print_samples(stream: Iterator[list[str]]) -> None:
 
 
 def _interactive(sampler: Any, drop_unknown: bool, **options: Any) -> None:
-    """The prompt loop of --interactive (charlm.interactive), on a terminal or piped lines."""
-    from charlm.interactive import Settings, session, terminal_lines
+    """The prompt loop of --interactive (charlm.inference.interactive), on a terminal or piped lines."""
+    from charlm.inference.interactive import Settings, session, terminal_lines
 
     settings = Settings(**options)
     sampler.compile(settings.num_samples)
@@ -389,8 +389,8 @@ def perplexity(
     outside the model's vocabulary are removed from the text before scoring, and counted. With
     --dynamic it prints the dynamic-evaluation score and the static one beside it.
     """
-    from charlm.dynamic import DynamicEvaluation
-    from charlm.evaluation import perplexity as score
+    from charlm.inference.dynamic_evaluation import DynamicEvaluation
+    from charlm.inference.evaluation import perplexity as score
 
     options: dict[str, Any] = {"lr": dynamic_lr, "decay": dynamic_decay, "segment_len": segment_len}
     given = {name: value for name, value in options.items() if value is not None}

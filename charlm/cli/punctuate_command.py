@@ -57,7 +57,7 @@ def punctuate() -> None:
 
 def _read_input(file: str | None, encoding: str | None) -> str:
     """The text of `file`, or of stdin for - or None; "" for an empty one."""
-    from charlm.corpus import existing_file, read_text
+    from charlm.data.text import existing_file, read_text
 
     if file not in (None, "-") and existing_file(file).stat().st_size == 0:
         return ""
@@ -79,8 +79,8 @@ def _read_input(file: str | None, encoding: str | None) -> str:
 @click.option("--encoding", help="Text encoding of FILE or stdin. [default: utf-8]")
 @user_errors
 def tag_text(file: str | None, checkpoint: str | None, keep: bool, encoding: str | None) -> None:
-    from charlm.punctuation import runs_after
-    from charlm.tagging import Tagger
+    from charlm.punctuation.marks import runs_after
+    from charlm.punctuation.tagger import Tagger
 
     text = _read_input(file, encoding)
     if not text:
@@ -202,7 +202,7 @@ def train(
     the run directory keeps latest.ckpt, best.ckpt and metrics.jsonl, as charlm train's does.
     Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
     """
-    from charlm.tagger_training import train_tagger
+    from charlm.punctuation.training import train_tagger
 
     overrides = {name: value for name, value in options.items() if value is not None}
     result = train_tagger(corpus, run_dir=run_dir, resume=resume, progress=not quiet, **overrides)
@@ -224,7 +224,7 @@ def score(file: str | None, checkpoint: str | None, encoding: str | None, as_jso
     tagger's label set, with precision, recall, F1, support (how many the text has) and how
     many were predicted.
     """
-    from charlm.tagging import score_tagger
+    from charlm.punctuation.tagger import score_tagger
 
     result = score_tagger(checkpoint, file, encoding=encoding)
     if as_json:

@@ -26,7 +26,7 @@ def _duration(seconds: float | None) -> str:
 def runs(directory: Path, as_json: bool) -> None:
     """List the runs under DIRECTORY [default: runs]: corpus, model, steps, best validation
     loss, training time, and which is the latest (the one sample and perplexity default to)."""
-    from charlm.runs import find_runs, latest_run, summarize
+    from charlm.runs.listing import find_runs, latest_run, summarize
 
     latest = latest_run()
     latest = latest.resolve() if latest else None
@@ -83,7 +83,7 @@ def plot(run_dirs: tuple[Path, ...], output: Path | None, x_axis: str, title: st
 
     Validation loss is solid, training loss dashed in the same colour. Prints the file written.
     """
-    from charlm.runs import latest_run
+    from charlm.runs.listing import latest_run
 
     runs = list(run_dirs)
     if not runs:
@@ -97,6 +97,6 @@ def plot(run_dirs: tuple[Path, ...], output: Path | None, x_axis: str, title: st
     if output is None:
         output = runs[0] / "loss.png" if len(runs) == 1 else Path("loss.png")
 
-    from charlm.plot import plot_runs
+    from charlm.runs.plot import plot_runs
 
     click.echo(plot_runs(runs, output, x=x_axis, title=title))

@@ -1,4 +1,4 @@
-"""The serve command: a local HTTP server over a trained model (charlm.server).
+"""The serve command: a local HTTP server over a trained model (charlm.inference.server).
 
 FastAPI and uvicorn are imported when the command runs, so that `charlm --help` stays fast.
 """
@@ -96,9 +96,9 @@ def serve(
     There is no authentication: by default the server listens on 127.0.0.1, reachable from this
     machine only. Ctrl-C stops it.
     """
-    from charlm import checkpoint as ckpt
-    from charlm.sampling import Sampler
-    from charlm.server import create_app, warm_up
+    from charlm.checkpoints import file_format as ckpt
+    from charlm.inference.sampling import Sampler
+    from charlm.inference.server import create_app, warm_up
 
     listener = bind(host, port)
     with listener:  # closed on an error; uvicorn closes it when it stops
@@ -131,7 +131,7 @@ def run(app: Any, listener: socket.socket, ready: str, access_log: bool) -> None
     are accepted."""
     import uvicorn
 
-    # uvicorn's logging, with charlm.server's errors beside its own, and no start-up chatter.
+    # uvicorn's logging, with charlm.inference.server's errors beside its own, and no start-up chatter.
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["charlm"] = {"handlers": ["default"], "level": "INFO"}
     config = uvicorn.Config(

@@ -1,0 +1,1 @@
+"""Run directories seen from outside: listing them and plotting their metrics."""

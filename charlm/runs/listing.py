@@ -1,0 +1,126 @@
+"""Run directories: finding them, summarising them, and reading their metrics.
+
+A run directory holds latest.ckpt, best.ckpt and metrics.jsonl (one JSON object per
+evaluation, appended). `charlm runs` lists them and `charlm plot` draws their metrics
+(charlm.runs.plot); neither needs more than the checkpoints' headers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from charlm.checkpoints import file_format as ckpt
+from charlm.checkpoints import schema as checkpoint_meta
+from charlm.errors import CharlmError
+from charlm.lm.model import ModelConfig
+from charlm.punctuation.model import TaggerConfig
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What `charlm runs` shows of one run directory. Every field but `path` and `latest` is
+    None when the run has no readable checkpoint, and `problem` then says why."""
+
+    path: str
+    latest: bool
+    corpus: str | None = None
+    model: str | None = None
+    steps: int | None = None
+    best_val_loss: float | None = None
+    best_val_bpc: float | None = None
+    seconds: float | None = None
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_run(path: Path) -> bool:
+    return any((path / name).is_file() for name in (ckpt.LATEST, ckpt.BEST, ckpt.METRICS))
+
+
+def find_runs(root: str | os.PathLike = "runs") -> list[Path]:
+    """`root` itself if it is a run directory, else the run directories directly under it,
+    by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CharlmError(f"no directory {root}; train a run first or name the directory")
+    if is_run(root):
+        return [root]
+    return sorted(path for path in root.iterdir() if path.is_dir() and is_run(path))
+
+
+def latest_run() -> Path | None:
+    """The working directory's most recent run (the one `sample` and `perplexity` default to),
+    or None if none was recorded or it is gone."""
+    record = Path(ckpt.LAST_RUN_FILE)
+    if not record.is_file():
+        return None
+    path = Path(record.read_text(encoding="utf-8").strip())
+    return path if path.is_dir() else None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The evaluation records of a run, in order; a line that is not a JSON object (a record
+    torn by a crash mid-write) is left out. Raises CharlmError if there are none."""
+    path = Path(run_dir) / ckpt.METRICS
+    if not path.is_file():
+        raise CharlmError(f"{run_dir} has no {ckpt.METRICS}; is it a charlm run directory?")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    if not records:
+        raise CharlmError(f"{path} holds no evaluation yet; wait for the first one")
+    return records
+
+
+def training_seconds(records: list[dict[str, Any]]) -> list[float]:
+    """The wall time of each record since the run began. Each session's clock starts at zero
+    (`elapsed` is per session), so a resumed session's times continue from the last record of
+    the one before."""
+    seconds, offset, previous = [], 0.0, 0.0
+    for record in records:
+        elapsed = float(record.get("elapsed", 0.0))
+        if elapsed < previous:
+            offset += previous
+        previous = elapsed
+        seconds.append(offset + elapsed)
+    return seconds
+
+
+def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
+    """The summary of one run from its latest checkpoint's header and its metrics."""
+    try:
+        meta = ckpt.read_meta(run_dir / ckpt.LATEST)
+    except CharlmError as err:
+        return RunSummary(str(run_dir), latest, problem=str(err))
+    best = meta.get("best_val_loss")
+    tagger = checkpoint_meta.kind(meta) == checkpoint_meta.TAGGER
+    # A tagger's loss is over labels, not characters: it has no bits per character.
+    model = (TaggerConfig if tagger else ModelConfig).from_dict(
+        meta["tagger" if tagger else "model"]
+    )
+    try:
+        seconds = training_seconds(read_metrics(run_dir))[-1]
+    except CharlmError:
+        seconds = None
+    return RunSummary(
+        str(run_dir),
+        latest,
+        corpus=Path(meta["corpus"]["path"]).name,
+        model=model.describe(),
+        steps=meta["step"],
+        best_val_loss=best,
+        best_val_bpc=None if best is None or tagger else best / math.log(2),
+        seconds=seconds,
+    )

@@ -1,0 +1,187 @@
+"""Opening a training session: a new run, or the run that `--resume` continues.
+
+A session settles what the loop needs before its first step: the run's options (a resumed run
+keeps its own, apart from those that `RESUMABLE` lets change), the corpus (checked to be the
+text the run was trained on), the run directory, the checkpoint to continue from, and the
+precision that `--precision auto` chooses on this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import jax
+
+from charlm.checkpoints import file_format as ckpt
+from charlm.checkpoints import schema as checkpoint_meta
+from charlm.data.catalog import resolve_corpus
+from charlm.data.corpus import Corpus, load_corpus
+from charlm.data.text import Vocabulary
+from charlm.devices import hardware
+from charlm.errors import CharlmError
+from charlm.lm.config import LENGTH, RESUMABLE, TrainConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Config = TypeVar("Config", bound="DataclassInstance")
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a training session works on. `loaded` is the checkpoint it resumes, or None;
+    `precision_note` says which precision trains and, for `auto`, why."""
+
+    config: TrainConfig
+    data: Corpus
+    run_path: Path
+    loaded: ckpt.Checkpoint | None
+    precision_note: str
+
+    @classmethod
+    def start(
+        cls, config: TrainConfig, data: Corpus, run_path: Path, loaded: ckpt.Checkpoint | None
+    ) -> Session:
+        """The session, with `--precision auto` resolved for this machine's first device."""
+        config, note = resolve_precision(config)
+        return cls(config, data, run_path, loaded, note)
+
+
+def resolve_precision(config: Config) -> tuple[Config, str]:
+    """`config` (a run's options, with a `precision`) with `--precision auto` resolved for this
+    machine's first device, and the note that says which precision trains and why."""
+    precision = config.precision  # type: ignore[attr-defined]
+    if precision != "auto":
+        return config, f"in {precision}"
+    precision, why = hardware.auto_precision(jax.devices()[0])
+    return dataclasses.replace(config, precision=precision), f"in {precision} (auto: {why})"
+
+
+def _notes(progress: bool) -> Callable[[str], None]:
+    """Where a session's notes go: stderr, unless the run is quiet."""
+    if progress:
+        return lambda message: print(message, file=sys.stderr)
+    return lambda message: None
+
+
+def _choose_run_dir(corpus_path: str, run_dir: str | Path | None, suffix: str = "") -> Path:
+    """`run_dir`, refused if it holds a run, or runs/<corpus name><suffix>, numbered if taken."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if (path / ckpt.LATEST).exists():
+            raise CharlmError(
+                f"{path} already holds a run; continue it with --resume or choose another --run-dir"
+            )
+    else:
+        base = Path("runs") / ((Path(corpus_path).stem or "corpus") + suffix)
+        path, n = base, 2
+        while path.exists():
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def _resume_config(saved: Config, overrides: dict[str, Any]) -> Config:
+    """The options of a resumed run: `saved`, the checkpoint's, with the `overrides` that
+    `RESUMABLE` allows; any other that differs is refused in one line."""
+    if overrides.get("precision") == "auto":
+        overrides = {name: value for name, value in overrides.items() if name != "precision"}
+    for name, value in overrides.items():
+        if name not in RESUMABLE and getattr(saved, name) != value:
+            raise CharlmError(
+                f"--{name.replace('_', '-')} cannot change when resuming (the run has "
+                f"{getattr(saved, name)!r}); start a new run to change it"
+            )
+    if any(name in overrides for name in LENGTH):
+        cleared: dict[str, Any] = dict.fromkeys(LENGTH)
+        saved = dataclasses.replace(saved, **cleared)
+    return dataclasses.replace(saved, **overrides)
+
+
+# Each kind of run as the message that refuses it names it, and the command that resumes it.
+_RUN_KINDS = {
+    checkpoint_meta.LANGUAGE_MODEL: ("a language model's", "charlm train"),
+    checkpoint_meta.TAGGER: ("a punctuation tagger's", "charlm punctuate train"),
+}
+
+
+def load_run(run_dir: str | Path | None, kind: str) -> tuple[Path, ckpt.Checkpoint]:
+    """The run directory that `run_dir` names (None: the latest run of `kind` here) and its
+    latest checkpoint, to resume; a run of the other kind is refused in one line that says how
+    to resume it."""
+    run_path = ckpt.resolve(run_dir, kind).parent
+    loaded = ckpt.load(run_path / ckpt.LATEST)
+    found = checkpoint_meta.kind(loaded.meta)
+    if found != kind:
+        what, command = _RUN_KINDS[found]
+        raise CharlmError(
+            f"{run_path} is {what} run; resume it with {command} --resume --run-dir {run_path}"
+        )
+    return run_path, loaded
+
+
+def check_same_text(corpus: str, sha256: str, loaded: ckpt.Checkpoint) -> None:
+    """Refuse to resume a run on a text (`corpus`, whose hash is `sha256`) other than its own."""
+    if sha256 != loaded.meta["corpus"]["sha256"]:
+        raise CharlmError(
+            f"{corpus} is not the text this run was trained on (sha256 differs); "
+            "resume with the original file or start a new run"
+        )
+
+
+def corpus_meta(corpus: Corpus, encoding: str | None) -> dict[str, Any]:
+    return {
+        "path": str(Path(corpus.path).resolve()),
+        "sha256": corpus.sha256,
+        "encoding": encoding,
+        "characters": len(corpus.tokens),
+        "val_fraction": corpus.val_fraction,
+        "split_index": corpus.split_index,
+    }
+
+
+def open_session(
+    corpus: str | None,
+    config: TrainConfig | None,
+    run_dir: str | Path | None,
+    resume: bool,
+    overrides: dict[str, Any],
+    progress: bool,
+) -> Session:
+    """Open a new run, or the run to resume, from `train`'s arguments (see there)."""
+    if corpus is not None:
+        corpus = resolve_corpus(corpus, progress=progress)
+    if not resume:
+        if corpus is None:
+            raise CharlmError("give a text file to train on: charlm train FILE")
+        config = dataclasses.replace(config or TrainConfig(), **overrides)
+        config.validate()
+        data = load_corpus(
+            corpus,
+            encoding=config.encoding,
+            val_fraction=config.val_fraction,
+            progress=progress,
+            log=_notes(progress),
+        )
+        return Session.start(config, data, _choose_run_dir(data.path, run_dir), None)
+    if config is not None:
+        overrides = {**dataclasses.asdict(config), **overrides}
+    run_path, loaded = load_run(run_dir, checkpoint_meta.LANGUAGE_MODEL)
+    config = _resume_config(TrainConfig(**loaded.meta["train"]), overrides)
+    config.validate()
+    corpus_meta = loaded.meta["corpus"]
+    corpus = corpus or corpus_meta["path"]
+    data = load_corpus(
+        corpus,
+        encoding=config.encoding,
+        val_fraction=config.val_fraction,
+        vocab=Vocabulary(loaded.meta["vocab"]),
+        progress=progress,
+        log=_notes(progress),
+    )
+    check_same_text(corpus, data.sha256, loaded)
+    return Session.start(config, data, run_path, loaded)

@@ -1,1 +1,0 @@
-"""The web page of `charlm serve` (index.html), package data read by charlm.server."""
