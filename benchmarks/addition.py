@@ -2,7 +2,7 @@
 
 Generates the `addition` corpus (8-bit operands, least-significant bit first), trains a
 one-layer LSTM on it in rounds, and after each round completes `a+b=` greedily for 1,000 pairs
-of 8-bit operands that are not in the training text (charlm.data.addition.accuracy), counting the
+of 8-bit operands that are not in the training text (charlm.inference.addition_score.accuracy), counting the
 exact sums. It stops at the target (99%) or when the time limit is reached, then scores 1,000
 pairs of 12-bit operands, a width the model never saw. The result, with the machine, the date
 and the commit, is written to benchmarks/RESULTS-addition.md.
@@ -27,6 +27,7 @@ import charlm
 from charlm.checkpoints import file_format as ckpt
 from charlm.data import addition
 from charlm.devices import hardware
+from charlm.inference import addition_score
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def main() -> None:
         else:
             result = charlm.train(resume=True, run_dir=run_dir, steps=step, progress=False)
         trained += time.monotonic() - started
-        score = addition.accuracy(latest, pairs=args.pairs, bits=8, seed=1, exclude=text)
+        score = addition_score.accuracy(latest, pairs=args.pairs, bits=8, seed=1, exclude=text)
         curve.append((step, trained, result.val_loss, score.fraction))
         print(
             f"step {step:5d}  {trained:6.1f} s  val loss {result.val_loss:.4f}  "
@@ -100,7 +101,7 @@ def main() -> None:
         )
         if score.fraction >= args.target:
             break
-    wide = addition.accuracy(latest, pairs=args.pairs, bits=12, seed=2, exclude=text)
+    wide = addition_score.accuracy(latest, pairs=args.pairs, bits=12, seed=2, exclude=text)
     print(f"12-bit operands, never seen: {wide.correct}/{wide.pairs} = {wide.fraction:.1%}")
 
     load_after = os.getloadavg()[0]

@@ -38,7 +38,8 @@ from charlm.devices import process_settings as runtime
 from charlm.lm import model
 from charlm.lm.config import TrainConfig
 from charlm.lm.loss import head_loss
-from charlm.lm.step import init_state, make_optimizer, make_train_step, sequence_loss
+from charlm.lm.step import init_state, make_train_step, sequence_loss
+from charlm.training.schedule import make_optimizer
 
 REPEATS = 15
 

@@ -48,7 +48,7 @@ from charlm.checkpoints import file_format as ckpt
 from charlm.data.corpus import Corpus, load_corpus
 from charlm.data.text import read_text
 from charlm.devices import hardware
-from charlm.inference.evaluation import unigram_nats
+from charlm.lm.evaluation import unigram_nats
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = ROOT.parent / "shared" / "corpora"

@@ -39,11 +39,12 @@ from torch import nn
 
 from charlm.devices import hardware
 from charlm.devices import process_settings as runtime
-from charlm.inference.evaluation import total_nats
 from charlm.inference.sampling import generate
 from charlm.lm import model
 from charlm.lm.config import TrainConfig
-from charlm.lm.step import init_state, make_optimizer, make_train_step
+from charlm.lm.evaluation import total_nats
+from charlm.lm.step import init_state, make_train_step
+from charlm.training.schedule import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SANGUO = ROOT.parent / "shared" / "corpora" / "sanguo.txt"

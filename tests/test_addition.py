@@ -12,6 +12,7 @@ import charlm
 from charlm.checkpoints import file_format as ckpt
 from charlm.data import addition
 from charlm.errors import CharlmError
+from charlm.inference import addition_score
 
 # charlm.data.addition's recipe: 2,500 steps (about 25 s on 2 cores) gave 99-100% on held-out
 # 5-bit sums for five seeds.
@@ -81,7 +82,7 @@ def test_charlm_learns_to_add(tmp_path: Path):
     corpus = tmp_path / "addition.txt"
     corpus.write_text(text, encoding="utf-8")
     result = charlm.train(str(corpus), run_dir=tmp_path / "run", progress=False, **ADDITION_MODEL)
-    score = addition.accuracy(result.run_dir / ckpt.LATEST, pairs=128, bits=5, exclude=text)
+    score = addition_score.accuracy(result.run_dir / ckpt.LATEST, pairs=128, bits=5, exclude=text)
     blind = max(Counter(a + b for a, b in held).values()) / len(held)
     assert blind < 0.1
     assert score.fraction >= 0.9, score

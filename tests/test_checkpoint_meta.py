@@ -24,6 +24,7 @@ from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 from charlm.errors import CharlmError
 from charlm.lm import model
+from charlm.lm.checkpoint import load_model
 from charlm.lm.config import TrainConfig
 
 
@@ -319,7 +320,7 @@ def test_version_1_checkpoint_is_upgraded_and_its_model_runs_as_before(tmp_path:
         k: v for k, v in V1_META.items() if k not in ("model", "train")
     }
 
-    params, config, vocab = ckpt.load_model(loaded)
+    params, config, vocab = load_model(loaded)
     assert vocab.chars == "ab出战"
     assert params["embed"].shape == (4, 4) and params["layers"][1]["w_h"].shape == (8, 32)
     tokens = [0, 2, 3, 1, 1, 2]

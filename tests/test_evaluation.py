@@ -26,8 +26,10 @@ from charlm.inference.dynamic_evaluation import (
     DEFAULT_SEGMENT_LEN,
     DynamicEvaluation,
 )
-from charlm.inference.evaluation import Perplexity, total_nats, unigram_nats
+from charlm.inference.evaluation import Perplexity
 from charlm.lm import model
+from charlm.lm.checkpoint import load_model
+from charlm.lm.evaluation import total_nats, unigram_nats
 
 
 def test_unigram_baseline_is_the_add_one_frequency_model():
@@ -45,7 +47,7 @@ def test_result_does_not_depend_on_chunk_size(trained_run: Path):
 
 
 def test_matches_one_uncut_forward_pass(trained_run: Path):
-    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    params, config, vocab = load_model(ckpt.load(ckpt.resolve(trained_run)))
     tokens = vocab.encode("出战 the army rides at dawn 天下大势。\n将军 关羽")
     logits, _ = model.apply(
         params, jnp.asarray(tokens[None, :-1]), model.initial_state(config, 1), config
@@ -60,7 +62,7 @@ def test_matches_one_uncut_forward_pass(trained_run: Path):
 
 def test_a_bfloat16_model_is_evaluated_in_float32(trained_run: Path):
     """precision is how a model was trained; one stream is scored in float32 (faster there)."""
-    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    params, config, vocab = load_model(ckpt.load(ckpt.resolve(trained_run)))
     assert config.precision == "float32"
     rounded = dataclasses.replace(config, precision="bfloat16")
     tokens = vocab.encode("出战 the army rides at dawn 天下大势。\n将军 关羽")
@@ -111,9 +113,10 @@ def test_empty_text_has_nothing_to_evaluate(trained_run: Path, tmp_path: Path):
     single.write_text("出", encoding="utf-8")
     with pytest.raises(CharlmError, match="fewer than 2"):
         charlm.perplexity(trained_run, single)
-    assert total_nats(
-        *ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))[:2], np.array([1])
-    ) == (0.0, 0)
+    assert total_nats(*load_model(ckpt.load(ckpt.resolve(trained_run)))[:2], np.array([1])) == (
+        0.0,
+        0,
+    )
 
 
 # Trained on 12 words in random order (conftest.mixed_text); here 4 of them in a fixed order.
@@ -230,7 +233,7 @@ def test_streams_score_every_character_exactly_once(streams: int, overlap: int):
 def test_streams_with_overlap_come_close_to_the_exact_score(trained_run: Path):
     """A trained model remembers: streams read from a zero state lose context, which the
     overlap gives back. Cold streams score worse than the exact pass; warm ones come closer."""
-    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    params, config, vocab = load_model(ckpt.load(ckpt.resolve(trained_run)))
     tokens = vocab.encode(mixed_text(lines=60, seed=3))
     exact, _ = total_nats(params, config, tokens)
     cold, _ = total_nats(params, config, tokens, streams=8)

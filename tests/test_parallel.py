@@ -47,8 +47,9 @@ carry, params = run.state["carry"][0][0], run.state["params"]["head"]["b"]
 
 import jax, numpy as np
 from charlm.checkpoints import file_format as ckpt
+from charlm.lm.checkpoint import load_model
 from charlm.inference.sampling import generate
-model = ckpt.load_model(ckpt.load(f"{out}/on-1/latest.ckpt"))[:2]
+model = load_model(ckpt.load(f"{out}/on-1/latest.ckpt"))[:2]
 samples = {
     devices: np.concatenate(list(generate(
         *model, np.zeros(1, np.int32), 60, jax.random.key(3), num_samples=4,

@@ -22,6 +22,7 @@ from charlm.inference.sampling import (
     sample_stream,
 )
 from charlm.lm import model
+from charlm.lm.checkpoint import load_model
 
 
 def test_same_seed_same_text_whatever_the_chunking(trained_run: Path):
@@ -71,7 +72,7 @@ def test_greedy_equals_top_k_one_and_is_deterministic(trained_run: Path):
 
 def test_generated_text_matches_the_model_step_by_step(trained_run: Path):
     """Greedy generation must pick the argmax of model.apply's logits after each character."""
-    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    params, config, vocab = load_model(ckpt.load(ckpt.resolve(trained_run)))
     context = vocab.encode("刘备")
     tokens = np.concatenate(
         list(generate(params, config, context, 12, jax.random.key(0), greedy=True)), axis=1
@@ -88,7 +89,7 @@ def test_generated_text_matches_the_model_step_by_step(trained_run: Path):
 def test_one_prime_per_sample(trained_run: Path):
     """A (num_samples, n) context primes each sample with its own row: the batch gives what
     each prime gives alone, across a chunk boundary too."""
-    params, config, vocab = ckpt.load_model(ckpt.load(ckpt.resolve(trained_run)))
+    params, config, vocab = load_model(ckpt.load(ckpt.resolve(trained_run)))
     primes = ["刘备 the", "army 曹", "天下 at "]
     context = np.stack([vocab.encode(p) for p in primes])
 

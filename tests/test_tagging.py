@@ -19,6 +19,7 @@ import charlm
 from charlm.checkpoints import file_format as ckpt
 from charlm.checkpoints import schema as checkpoint_meta
 from charlm.errors import CharlmError
+from charlm.lm.checkpoint import load_model
 from charlm.punctuation.scores import score_labels
 from charlm.punctuation.tagger import Tagger, score_tagger, window_batch, window_plan
 from charlm.punctuation.training import train_tagger
@@ -153,7 +154,7 @@ def test_resume_continues_bit_for_bit(tmp_path: Path):
 
 def test_kinds_of_checkpoint_are_not_confused(tagger_run: Path, trained_run: Path):
     with pytest.raises(CharlmError, match="is a punctuation tagger, not a language model"):
-        ckpt.load_model(ckpt.load(tagger_run / ckpt.LATEST))
+        load_model(ckpt.load(tagger_run / ckpt.LATEST))
     with pytest.raises(CharlmError, match="is a language model, not a punctuation tagger"):
         Tagger.load(trained_run)
     with pytest.raises(
@@ -220,7 +221,7 @@ def test_init_from_copies_the_language_model_through_the_vocabularies(tmp_path: 
     )
     options = dict(TINY_TAGGER, steps=1, eval_every=1, lr=1e-9, warmup_steps=0, min_lr=1e-9)
     train_tagger(str(corpus), run_dir="t", init_from=str(lm.run_dir), progress=False, **options)
-    lm_params, _, lm_vocab = ckpt.load_model(ckpt.load(lm.run_dir / ckpt.LATEST))
+    lm_params, _, lm_vocab = load_model(ckpt.load(lm.run_dir / ckpt.LATEST))
     tagger = Tagger.load("t")
     assert tagger.meta["train"]["init_from"] == str(lm.run_dir)
     forward = tagger.params["layers"][0]["forward"]

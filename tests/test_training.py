@@ -22,11 +22,13 @@ from charlm.checkpoints import file_format as ckpt
 from charlm.devices import hardware
 from charlm.errors import CharlmError
 from charlm.lm import model
+from charlm.lm.checkpoint import load_model
 from charlm.lm.config import TrainConfig
 from charlm.lm.dropout import dropout_masks
 from charlm.lm.loss import head_loss
-from charlm.lm.step import learning_rate, sequence_loss
+from charlm.lm.step import sequence_loss
 from charlm.training.loop import TrainingDiverged
+from charlm.training.schedule import learning_rate
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -327,11 +329,11 @@ def test_each_evaluation_reads_at_most_val_max_chars(corpus_file: Path):
     """The recorded validation loss is the score of the first --val-max-chars held-out
     characters, not of the whole split (which is much longer)."""
     from charlm.data.corpus import load_corpus
-    from charlm.inference.evaluation import Validation
+    from charlm.lm.evaluation import Validation
 
     result = charlm.train(str(corpus_file), steps=5, val_max_chars=300, progress=False, **TINY)
     loaded = ckpt.load(result.run_dir / ckpt.LATEST)
-    params, config, vocab = ckpt.load_model(loaded)
+    params, config, vocab = load_model(loaded)
     data = load_corpus(corpus_file, vocab=vocab)
     assert len(data.val_tokens) > 3 * 300
     capped = Validation(data.train_tokens, data.val_tokens, len(vocab), 300)

@@ -34,9 +34,7 @@ import numpy as np
 import safetensors.numpy
 
 from charlm.checkpoints import schema as checkpoint_meta
-from charlm.data.text import Vocabulary
 from charlm.errors import CharlmError
-from charlm.lm import model
 from charlm.storage import write_atomic  # part of this module's interface: ckpt.write_atomic
 
 FORMAT = "charlm-checkpoint"
@@ -264,19 +262,6 @@ def upgrade_v3(meta: Any, source: str) -> Any:
 
 # The upgrade from each older format version to the next.
 UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3}
-
-
-def load_model(checkpoint: Checkpoint) -> tuple[model.Params, model.ModelConfig, Vocabulary]:
-    """The parameters, model config and vocabulary that a language model's checkpoint holds;
-    a tagger's is refused in one line."""
-    if checkpoint_meta.kind(checkpoint.meta) == checkpoint_meta.TAGGER:
-        raise CharlmError(
-            f"{checkpoint.path} is a punctuation tagger, not a language model; "
-            "use it with charlm punctuate"
-        )
-    config = model.ModelConfig.from_dict(checkpoint.meta["model"])
-    template = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
-    return checkpoint.tree("params", template), config, Vocabulary(checkpoint.meta["vocab"])
 
 
 def remember_run(run_dir: str | os.PathLike, kind: str = checkpoint_meta.LANGUAGE_MODEL) -> None:

@@ -147,8 +147,8 @@ from charlm.errors import CharlmError
 @click.option(
     "--coordinator",
     envvar="CHARLM_COORDINATOR",
-    help="HOST:PORT of process 0, for a run of several processes (see Scaling out in the "
-    "README). [env: CHARLM_COORDINATOR]",
+    help="HOST:PORT of process 0, for a run of several processes (see docs/scaling-out.md). "
+    "[env: CHARLM_COORDINATOR]",
 )
 @click.option(
     "--num-processes",

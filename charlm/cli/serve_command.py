@@ -99,12 +99,13 @@ def serve(
     from charlm.checkpoints import file_format as ckpt
     from charlm.inference.sampling import Sampler
     from charlm.inference.server import create_app, warm_up
+    from charlm.lm.checkpoint import load_model
 
     listener = bind(host, port)
     with listener:  # closed on an error; uvicorn closes it when it stops
         path = ckpt.resolve(checkpoint)
         loaded = ckpt.load(path)
-        sampler = Sampler(*ckpt.load_model(loaded))
+        sampler = Sampler(*load_model(loaded))
         step = loaded.meta["step"]
         local = ipaddress.ip_address(listener.getsockname()[0].split("%")[0]).is_loopback
         app = create_app(

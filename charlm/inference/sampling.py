@@ -23,6 +23,7 @@ from charlm.data.text import Vocabulary
 from charlm.devices.data_parallel import DataParallel
 from charlm.errors import CharlmError
 from charlm.lm import model
+from charlm.lm.checkpoint import load_model
 
 DEFAULT_CHUNK = 64
 
@@ -238,7 +239,7 @@ class Sampler:
     def load(cls, checkpoint: str | os.PathLike | None = None) -> Sampler:
         """From a checkpoint file, a run directory, or None for the working directory's
         latest run."""
-        return cls(*ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint))))
+        return cls(*load_model(ckpt.load(ckpt.resolve(checkpoint))))
 
     def compile(self, num_samples: int = 1) -> None:
         """Compile the generation loop for `num_samples` samples now, so that the first real

@@ -10,7 +10,6 @@ from charlm.errors import CharlmError
 from charlm.lm import model
 from charlm.lm.dropout import DROPOUTS
 
-DEFAULT_EPOCHS = 10
 # "auto" is resolved when a run starts (`charlm.devices.hardware.auto_precision`); checkpoints record
 # the precision it chose.
 PRECISION_CHOICES = ("auto", *model.PRECISIONS)

@@ -31,7 +31,7 @@ from charlm.checkpoints import schema as checkpoint_meta
 from charlm.data.catalog import resolve_corpus
 from charlm.data.text import Vocabulary, code_points
 from charlm.errors import CharlmError
-from charlm.lm.step import Horizon, learning_rate, make_optimizer
+from charlm.lm.checkpoint import load_model
 from charlm.punctuation import model as tagger
 from charlm.punctuation.config import TaggerTrainConfig
 from charlm.punctuation.marks import MarkSet
@@ -57,6 +57,7 @@ from charlm.training.run_setup import (
     load_run,
     resolve_precision,
 )
+from charlm.training.schedule import Horizon, learning_rate, make_optimizer
 
 # Dropout's keys come from the run's seed folded with this, apart from the initialisation's.
 DROPOUT_STREAM = 1
@@ -122,7 +123,7 @@ def initialised_from(
     (a language model as the pretraining of a recurrent network, Dai & Le 2015, "Semi-supervised
     Sequence Learning"); and a note saying how many rows were. Refused in one line when the cell or the
     sizes differ."""
-    lm_params, lm_config, lm_vocab = ckpt.load_model(ckpt.load(ckpt.resolve(checkpoint)))
+    lm_params, lm_config, lm_vocab = load_model(ckpt.load(ckpt.resolve(checkpoint)))
     ours = (config.cell, config.hidden_size, config.embed_size)
     theirs = (lm_config.cell, lm_config.hidden_size, lm_config.embed_size)
     if ours != theirs:

@@ -2,7 +2,7 @@
 
 `train` is the loop, top to bottom; `TrainingRun` holds what it works on, one method per
 concern: a step on the devices (`charlm.devices.data_parallel`), the losses and progress shown
-(`charlm.training.progress`), evaluation (`charlm.inference.evaluation.Validation`) and checkpoints
+(`charlm.training.progress`), evaluation (`charlm.lm.evaluation.Validation`) and checkpoints
 (`charlm.training.checkpointer`). The hidden state carried from one step to the next is part of the
 checkpoint, with everything else the step depends on, so `resume=True` continues a run bit
 for bit.
@@ -28,13 +28,14 @@ from charlm.data.corpus import BatchStream
 from charlm.devices import cluster
 from charlm.devices.data_parallel import DataParallel
 from charlm.errors import CharlmError
-from charlm.inference.evaluation import Validation
 from charlm.lm.config import TrainConfig
-from charlm.lm.step import Horizon, init_state, learning_rate, make_optimizer, make_train_step
+from charlm.lm.evaluation import Validation
+from charlm.lm.step import init_state, make_train_step
 from charlm.storage import remove_leftovers
 from charlm.training.checkpointer import Checkpointer, TrainingDiverged, restore
 from charlm.training.progress import Progress, RecentLosses, append_metrics, show_loss
 from charlm.training.run_setup import Session, open_session
+from charlm.training.schedule import Horizon, learning_rate, make_optimizer
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingRun", "train"]
 
