@@ -35,7 +35,7 @@ from torch import nn
 
 from charlm.devices import hardware
 from charlm.devices import process_settings as runtime
-from charlm.lm import model
+from charlm.lm import matmul, model, recurrence
 from charlm.lm.config import TrainConfig
 from charlm.lm.loss import head_loss
 from charlm.lm.step import init_state, make_train_step, sequence_loss
@@ -54,7 +54,7 @@ def charlm_phases(shape: Shape, precision: str) -> dict[str, float]:
     rng = np.random.default_rng(0)
     window = rng.integers(0, shape.vocab, (shape.batch, shape.seq + 1)).astype(np.int32)
     inputs, targets = window[:, :-1], window[:, 1:]
-    dtype = model.PRECISIONS[precision]
+    dtype = matmul.PRECISIONS[precision]
 
     forward = jax.jit(lambda p: sequence_loss(p, inputs, targets, carry, config)[0])
     backward = jax.jit(jax.grad(lambda p: sequence_loss(p, inputs, targets, carry, config)[0]))
@@ -156,7 +156,7 @@ def measure(fn) -> float:
 def phase_flops(shape: Shape) -> dict[str, float]:
     """Matmul FLOPs of each phase (a backward pass costs twice its forward)."""
     chars = shape.batch * shape.seq
-    gates = model.GATES[shape.cell]
+    gates = recurrence.GATES[shape.cell]
     layers = 2 * shape.embed * gates * shape.hidden
     layers += 2 * (shape.layers - 1) * shape.hidden * gates * shape.hidden
     layers += 2 * shape.layers * shape.hidden * gates * shape.hidden

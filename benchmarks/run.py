@@ -40,7 +40,7 @@ from torch import nn
 from charlm.devices import hardware
 from charlm.devices import process_settings as runtime
 from charlm.inference.sampling import generate
-from charlm.lm import model
+from charlm.lm import model, recurrence
 from charlm.lm.config import TrainConfig
 from charlm.lm.evaluation import total_nats
 from charlm.lm.step import init_state, make_train_step
@@ -80,17 +80,17 @@ class Shape:
     def recurrent_shapes(self) -> list[tuple[int, int]]:
         """The recurrent matrices W_h, one per layer: the only products that one stream of
         evaluation must run one character after another."""
-        return [(self.hidden, model.GATES[self.cell] * self.hidden)] * self.layers
+        return [(self.hidden, recurrence.GATES[self.cell] * self.hidden)] * self.layers
 
     def weight_bytes(self) -> int:
         """Bytes of float32 weights one character reads when sampling: every matrix once."""
-        gates = model.GATES[self.cell]
+        gates = recurrence.GATES[self.cell]
         recurrent = self.embed + (2 * self.layers - 1) * self.hidden
         return 4 * (recurrent * gates * self.hidden + self.hidden * self.vocab)
 
     def train_flops_per_char(self) -> float:
         """Matmul FLOPs of forward and backward (3× forward) per character."""
-        gates = model.GATES[self.cell]
+        gates = recurrence.GATES[self.cell]
         forward = 2 * self.embed * gates * self.hidden
         forward += 2 * (self.layers - 1) * self.hidden * gates * self.hidden
         forward += 2 * self.layers * self.hidden * gates * self.hidden

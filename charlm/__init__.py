@@ -20,7 +20,7 @@ _LAZY = {
     "TrainConfig": "charlm.training.loop",
     "sample": "charlm.inference.sampling",
     "perplexity": "charlm.inference.evaluation",
-    "ModelConfig": "charlm.lm.model",
+    "ModelConfig": "charlm.lm.config",
     "CharlmError": "charlm.errors",
 }
 

@@ -247,7 +247,7 @@ MALFORMED = {
         changed(lambda m: m["model"].update(cell="transformer")),
         {},
         "model",
-        "unknown cell 'transformer'",
+        "--cell must be one of lstm, gru, rnn",
     ),
     "train config out of range": (
         changed(lambda m: m["train"].update(batch_size=0)),

@@ -14,18 +14,15 @@ import pytest
 
 from charlm.data.corpus import BatchStream
 from charlm.data.text import Vocabulary
+from charlm.errors import CharlmError
 from charlm.lm import dropout as regularisation
 from charlm.lm import matmul as products
 from charlm.lm import model, recurrence
 from charlm.lm.config import TrainConfig
 from charlm.lm.dropout import DROPOUTS
 from charlm.lm.loss import head_loss
-from charlm.lm.step import (
-    init_state,
-    learning_rate,
-    make_optimizer,
-    make_train_step,
-)
+from charlm.lm.step import init_state, make_train_step
+from charlm.training.schedule import learning_rate, make_optimizer
 
 CELLS = ["lstm", "gru", "rnn"]
 SMALL = dict(layers=2, vocab_size=11, embed_size=5, hidden_size=6)
@@ -117,7 +114,7 @@ def to_f64(tree):
 
 def random_state(config, batch, rng):
     """A non-zero state: h in (-1, 1) as a tanh output would be, LSTM c of any sign and size."""
-    parts = model.STATE_PARTS[config.cell]
+    parts = recurrence.STATE_PARTS[config.cell]
     return tuple(
         tuple(
             rng.uniform(-1, 1, (batch, config.hidden_size))
@@ -186,7 +183,9 @@ def test_each_cell_matches_its_equations(cell):
     h_proj = state[0][0] @ layer["w_h"]
     if cell == "gru":
         h_proj[:, 2 * config.hidden_size :] += layer["b_hn"]
-    new_state, out = model.CELLS[cell](as_f32(state[0]), x_proj, jnp.asarray(h_proj, jnp.float32))
+    new_state, out = recurrence.CELLS[cell](
+        as_f32(state[0]), x_proj, jnp.asarray(h_proj, jnp.float32)
+    )
     assert_close(new_state, expected)
     assert_close(out, expected[0])  # the output is the new h
 
@@ -305,14 +304,14 @@ def test_hand_written_gradient_matches_autodiff_of_the_scan(cell):
     so each cotangent path is exercised; float32, to float32 rounding."""
     config = model.ModelConfig(vocab_size=5, cell=cell, hidden_size=8)
     rng = np.random.default_rng(7)
-    gates, hidden = model.GATES[cell] * 8, 8
+    gates, hidden = recurrence.GATES[cell] * 8, 8
     w_h = rng.uniform(-0.5, 0.5, (hidden, gates)).astype(np.float32)
     x_bias = rng.normal(size=gates).astype(np.float32)
     h_bias = model.recurrent_bias(config, {"b_hn": rng.normal(size=hidden).astype(np.float32)})
     x_proj = rng.normal(size=(9, 3, gates)).astype(np.float32)
     state = as_f32(random_state(config, 3, rng)[0])
     weights = [rng.normal(size=(9, 3, hidden)), *(rng.normal(size=(3, hidden)) for _ in state)]
-    cell_fn = model.CELLS[cell]
+    cell_fn = recurrence.CELLS[cell]
 
     def loss(fn, *args):
         final, outputs = fn(cell_fn, None, *args)
@@ -334,7 +333,7 @@ def test_matmul_gradient_is_the_products_of_its_rounded_operands(precision):
     """`matmul`'s hand-written VJP, for time-major x as the model passes it: d_x = d_y Wᵀ and
     ∂W = Σ xᵀ d_y, with every operand rounded to the run's precision (bfloat16 in the backward
     pass too), against float64 products of the same rounded operands."""
-    dtype = model.PRECISIONS[precision]
+    dtype = products.PRECISIONS[precision]
     rng = np.random.default_rng(3)
     x = rng.normal(size=(7, 3, 16)).astype(np.float32)
     w = rng.normal(size=(16, 24)).astype(np.float32)
@@ -358,7 +357,7 @@ def test_head_loss_equals_the_loss_of_whole_logits(precision, monkeypatch):
     padded) and its gradients in the forward pass: its value and gradients must be those of
     the plain cross-entropy of `matmul`'s logits, and scale with the loss's cotangent."""
     monkeypatch.setattr("charlm.lm.loss.LOSS_CHUNK", 4)
-    dtype = model.PRECISIONS[precision]
+    dtype = products.PRECISIONS[precision]
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(7, 3, 16)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(16, 9)), jnp.float32)
@@ -460,12 +459,18 @@ def test_lstm_forget_bias_is_the_second_gate():
 
 
 def test_model_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="unknown cell"):
+    with pytest.raises(CharlmError, match="--cell must be one of lstm, gru, rnn"):
         model.ModelConfig(vocab_size=5, cell="transformer")
-    with pytest.raises(ValueError):
+    with pytest.raises(CharlmError, match="--vocab-size must be at least 1"):
         model.ModelConfig(vocab_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(CharlmError, match=r"--dropout must be in \[0, 1\), got 1.0"):
         model.ModelConfig(vocab_size=5, dropout=1.0)
+    with pytest.raises(CharlmError, match="--dropout must be a finite number"):
+        model.ModelConfig(vocab_size=5, dropout=float("nan"))
+    with pytest.raises(CharlmError, match="--precision must be one of float32, bfloat16"):
+        model.ModelConfig(vocab_size=5, precision="auto")
+    assert model.ModelConfig(vocab_size=5, precision="bfloat16").dtype == jnp.bfloat16
+    assert model.ModelConfig(vocab_size=5).dtype is None
     config = model.ModelConfig(vocab_size=5, cell="gru", dropout=0.25)
     assert model.ModelConfig.from_dict(config.to_dict()) == config
 

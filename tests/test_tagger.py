@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from charlm.errors import CharlmError
 from charlm.punctuation import model as tagger
 from charlm.punctuation.model import TaggerConfig
 
@@ -283,7 +284,7 @@ def test_config_and_parameters():
         expected[6:12] = 1.0  # the forget gate, the second of i, f, g, o
         np.testing.assert_array_equal(biases[direction]["b"], expected)
     for bad in (dict(num_labels=1), dict(cell="transformer"), dict(precision="float16")):
-        with pytest.raises(ValueError):
+        with pytest.raises(CharlmError, match=f"--{next(iter(bad)).replace('_', '-')} must be"):
             dataclasses.replace(config, **bad)
 
 

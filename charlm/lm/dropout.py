@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-    from charlm.lm.model import ModelConfig
+    from charlm.lm.config import ModelConfig
 
 
 # The ModelConfig fields that are dropout rates.

@@ -14,68 +14,18 @@ recurrent matmul runs inside the `jax.lax.scan` over time, whose gradient is han
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from charlm.lm.dropout import DROPOUTS, DropoutMasks, apply_mask
-from charlm.lm.matmul import PRECISIONS, matmul, transposed
-from charlm.lm.recurrence import CELLS, GATES, STATE_PARTS, LayerState, recurrence
+from charlm.lm.config import ModelConfig
+from charlm.lm.dropout import DropoutMasks, apply_mask
+from charlm.lm.matmul import matmul, transposed
+from charlm.lm.recurrence import CELLS, STATE_PARTS, LayerState, recurrence
 
 Params = dict[str, Any]
 State = tuple[LayerState, ...]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a model, and its regularisation (see `charlm.lm.dropout`): `dropout` on
-    every layer's output, `input_dropout` on the first layer's input, `embed_dropout` of whole
-    characters, `weight_drop` on the recurrent matrices. With `tie_embeddings` the head's
-    weights are the embedding's (Press & Wolf 2017), through a projection from the hidden size
-    to the embedding size when the two differ."""
-
-    vocab_size: int
-    cell: str = "lstm"
-    layers: int = 2
-    hidden_size: int = 256
-    embed_size: int = 64
-    dropout: float = 0.0
-    precision: str = "float32"
-    input_dropout: float = 0.0
-    embed_dropout: float = 0.0
-    weight_drop: float = 0.0
-    tie_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if min(self.vocab_size, self.layers, self.hidden_size, self.embed_size) < 1:
-            raise ValueError("vocab_size, layers, hidden_size and embed_size must be positive")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
-            )
-        for name in DROPOUTS:
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @property
-    def gates(self) -> int:
-        """How many hidden-sized blocks the cell's matrices have: 4 for the LSTM, 3, 1."""
-        return GATES[self.cell]
-
-    def describe(self) -> str:
-        """The cell and the layers' shape, as the log and listings name a model: "LSTM 2×256"."""
-        return f"{self.cell.upper()} {self.layers}×{self.hidden_size}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return cls(**data)
 
 
 def for_one_stream(config: ModelConfig) -> ModelConfig:
@@ -159,7 +109,7 @@ def run_layer(
 ) -> tuple[jax.Array, LayerState]:
     """One recurrent layer over its projected input x W_x (time, batch, gates·hidden): outputs
     (time, batch, hidden) and the final state. A weight-drop mask applies to W_h once, here."""
-    dtype = PRECISIONS[config.precision]
+    dtype = config.dtype
     h_bias = recurrent_bias(config, layer)
     cell = CELLS[config.cell]
     w_h = apply_mask(layer["w_h"], w_h_mask)
@@ -175,7 +125,7 @@ def embed_projection(
 ) -> jax.Array:
     """The first layer's input projection, embed[tokens] W_x, for integer tokens of any shape
     ((time, batch) when `masks` are given), with embedding and input dropout from `masks`."""
-    dtype = PRECISIONS[config.precision]
+    dtype = config.dtype
     embed, w_x = params["embed"], params["layers"][0]["w_x"]
     if masks is not None:
         embed = apply_mask(embed, masks.embed)
@@ -200,7 +150,7 @@ def features(
     (time, batch, ·) activation is ever transposed. Dropout applies only when `masks` are given
     (training; `charlm.lm.dropout.dropout_masks`), never to the carried state.
     """
-    dtype = PRECISIONS[config.precision]
+    dtype = config.dtype
     x = None
     new_state = []
     for n, (layer, layer_state) in enumerate(zip(params["layers"], state)):
@@ -228,7 +178,7 @@ def forward(
     `features` followed by the head."""
     x, state = features(params, tokens, state, config, masks)
     w = head_weight(params, config)
-    logits = matmul(x, w, PRECISIONS[config.precision]) + params["head"]["b"]
+    logits = matmul(x, w, config.dtype) + params["head"]["b"]
     return logits, state
 
 

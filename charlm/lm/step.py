@@ -50,7 +50,7 @@ def sequence_loss(
         outputs.append(x)
     x = jnp.concatenate(outputs)
     w, b = model.head_weight(params, config), params["head"]["b"]
-    return head_loss(x, w, b, targets, model.PRECISIONS[config.precision]), carry
+    return head_loss(x, w, b, targets, config.dtype), carry
 
 
 def init_state(

@@ -30,14 +30,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from charlm.lm.config import shared_fields
+from charlm.lm.config import MODEL_RULES, ModelConfig
 from charlm.lm.dropout import DropoutMasks, apply_mask, dropout_masks, is_regularised
 from charlm.lm.matmul import PRECISIONS, matmul
-from charlm.lm.model import ModelConfig, run_layer
+from charlm.lm.model import run_layer
 from charlm.lm.recurrence import GATES, STATE_PARTS
+from charlm.training.config import at_least, check, shared_fields
 
 Params = dict[str, Any]
 DIRECTIONS = ("forward", "backward")
+TAGGER_RULES = {**MODEL_RULES, "num_labels": at_least(2)}
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,12 @@ class TaggerConfig:
     weight_drop: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_labels < 2:
-            raise ValueError(f"num_labels must be at least 2, got {self.num_labels}")
-        # ModelConfig checks the cell, the sizes, the precision and the rates.
-        _ = self.layer_config
+        check(self, TAGGER_RULES)
+
+    @property
+    def dtype(self) -> Any:
+        """The operand type of the tagger's matmuls, as `ModelConfig.dtype`."""
+        return PRECISIONS[self.precision]
 
     @property
     def layer_config(self) -> ModelConfig:
@@ -172,7 +176,7 @@ def run_direction(
     applies to the direction's W_h."""
     if reverse:
         x = reverse_time(x, lengths)
-    x_proj = matmul(x, layer["w_x"], PRECISIONS[config.precision])
+    x_proj = matmul(x, layer["w_x"], config.dtype)
     shape = (x.shape[1], config.hidden_size)
     state = tuple(jnp.zeros(shape, x_proj.dtype) for _ in range(STATE_PARTS[config.cell]))
     outputs, _ = run_layer(config.layer_config, layer, x_proj, state, w_h_mask)
@@ -214,7 +218,7 @@ def apply(
     RNN of Schuster & Paliwal (1997), `features` (with dropout `masks` in training), and the
     linear head."""
     x = features(params, jnp.swapaxes(tokens, 0, 1), config, lengths, masks)
-    logits = matmul(x, params["head"]["w"], PRECISIONS[config.precision]) + params["head"]["b"]
+    logits = matmul(x, params["head"]["w"], config.dtype) + params["head"]["b"]
     return jnp.swapaxes(logits, 0, 1)
 
 

@@ -199,8 +199,8 @@ def train_tagger(
     leftovers = remove_leftovers([run_path / ckpt.LATEST, run_path / ckpt.BEST])
     model_config = config.tagger_config(len(data.vocab), data.marks.num_labels)
     per_epoch = steps_per_epoch(len(data.train_tokens), config.batch_size, config.seq_len)
-    horizon = Horizon.plan(config.shared, per_epoch, loaded.meta["decay_steps"] if loaded else None)
-    optimizer = make_optimizer(config.shared)
+    horizon = Horizon.plan(config, per_epoch, loaded.meta["decay_steps"] if loaded else None)
+    optimizer = make_optimizer(config)
     params = tagger.init(jax.random.key(config.seed), model_config)
     init_note = None
     if config.init_from is not None and loaded is None:
@@ -304,7 +304,7 @@ def train_tagger(
                 bar.set_total(horizon.decay_steps)
         record.update(
             train_loss=losses.mean,
-            lr=learning_rate(step, config.shared, horizon.decay_steps),
+            lr=learning_rate(step, config, horizon.decay_steps),
             chars_per_sec=round(losses.chars_per_sec),
             elapsed=round(elapsed, 2),
         )
@@ -331,7 +331,7 @@ def train_tagger(
                     config.seed,
                     step,
                 )
-                lr = np.float32(learning_rate(step, config.shared, horizon.decay_steps))
+                lr = np.float32(learning_rate(step, config, horizon.decay_steps))
                 state, loss = train_step(state, tokens, labels, lr)
                 step += 1
                 losses.add(loss)

@@ -24,7 +24,8 @@ from charlm.data.corpus import Corpus, load_corpus
 from charlm.data.text import Vocabulary
 from charlm.devices import hardware
 from charlm.errors import CharlmError
-from charlm.lm.config import LENGTH, RESUMABLE, TrainConfig
+from charlm.lm.config import TrainConfig
+from charlm.training.config import LENGTH, RESUMABLE
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

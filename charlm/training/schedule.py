@@ -11,10 +11,13 @@ from dataclasses import dataclass
 import jax
 import optax
 
-from charlm.lm.config import TrainConfig
+from charlm.training.config import RunConfig
+
+# A run given no length trains for this many passes over its text.
+DEFAULT_EPOCHS = 10
 
 
-def learning_rate(step: int, config: TrainConfig, decay_steps: int) -> float:
+def learning_rate(step: int, config: RunConfig, decay_steps: int) -> float:
     """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine decay (Loshchilov &
     Hutter 2017) to `min_lr` at `decay_steps`, constant after. Plain Python: the host computes
     it and passes it to the compiled step, so the decay horizon can change without recompiling."""
@@ -42,7 +45,7 @@ class Horizon:
     refits: bool
 
     @classmethod
-    def plan(cls, config: TrainConfig, steps_per_epoch: int, saved: int | None) -> Horizon:
+    def plan(cls, config: RunConfig, steps_per_epoch: int, saved: int | None) -> Horizon:
         """The horizon of a new run, or of a resumed one whose checkpoint saved `saved`."""
         by_time = config.time_budget is not None and config.steps is None and config.epochs is None
         total = config.steps or math.ceil((config.epochs or DEFAULT_EPOCHS) * steps_per_epoch)
@@ -60,7 +63,7 @@ class Horizon:
             self.decay_steps = step + max(int((budget - elapsed) / (elapsed / steps_done)), 1)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
     """Global-norm clipping (Pascanu et al. 2013), then AdamW at unit learning rate: the step
     scales the update by `learning_rate`. Weight decay applies to matrices, not to biases."""
     return optax.chain(
@@ -72,6 +75,3 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
             mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
         ),
     )
-
-
-DEFAULT_EPOCHS = 10
