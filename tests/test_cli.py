@@ -7,10 +7,8 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 from conftest import SHARED_CORPORA
@@ -193,48 +191,6 @@ def test_train_help_states_the_real_defaults():
             assert float(stated.group(1)) == float(value), param.name
         checked += 1
     assert checked >= 15
-
-
-def commands(group: click.Group, prefix: str = "charlm") -> Iterator[tuple[str, click.Command]]:
-    """Every command under `group`, with its full name, the subcommands of groups included."""
-    for name, command in group.commands.items():
-        yield f"{prefix} {name}", command
-        if isinstance(command, click.Group):
-            yield from commands(command, f"{prefix} {name}")
-
-
-def test_readme_documents_every_command_and_option():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    names = [name for name, _ in commands(main)]
-    assert {"charlm corpus list", "charlm corpus get"} <= set(names)
-    for name, command in commands(main):
-        assert name in readme
-        for param in command.params:
-            for option in param.opts:
-                if option.startswith("--"):
-                    assert option in readme, f"README does not document {name} {option}"
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        [],
-        ["train"],
-        ["sample"],
-        ["perplexity"],
-        ["runs"],
-        ["plot"],
-        ["serve"],
-        ["corpus"],
-        ["corpus", "list"],
-        ["corpus", "get"],
-    ],
-)
-def test_readme_command_reference_is_the_real_help(command: list[str]):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    shown = CliRunner().invoke(main, [*command, "--help"], prog_name="charlm", terminal_width=100)
-    shown = shown.stdout
-    assert shown.rstrip() in readme
 
 
 def test_corpus_list_and_get():

@@ -198,10 +198,3 @@ def test_runs_lists_a_tagger_run(cli_run: Path):
     listed = run("runs", str(cli_run.parent))
     assert listed.exit_code == 0, listed.output
     assert re.search(r"runs/story-punctuate +story\.txt +BiLSTM 1×16 +400 +— +—", listed.stdout)
-
-
-@pytest.mark.parametrize("command", [["punctuate"], ["punctuate", "train"], ["punctuate", "score"]])
-def test_readme_command_reference_is_the_real_help(command: list[str]):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    shown = CliRunner().invoke(main, [*command, "--help"], prog_name="charlm", terminal_width=100)
-    assert shown.stdout.rstrip() in readme
