@@ -89,10 +89,12 @@ if args["in_ram"]:
                                 np.array(opened.tokens))
     data.open_tokens = in_ram
 from charlm.devices.data_parallel import DataParallel
-from charlm.training.run_setup import open_session
+from charlm.lm.training import RUN_KIND, LanguageModelRun
 from charlm.training.loop import TrainingRun
-session = open_session(args["corpus"], None, args["run"], False, {}, False)
-run = TrainingRun(session, DataParallel.over(args["devices"]), False, time.monotonic())
+from charlm.training.run_setup import open_run
+session = open_run(RUN_KIND, args["corpus"], None, args["run"], False, {}, False)
+parallel = DataParallel.over(args["devices"])
+run = TrainingRun(session, LanguageModelRun(session, parallel), parallel, False, time.monotonic())
 for _ in range(20):
     run.train_step()
 run.fetch_losses()

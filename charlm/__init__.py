@@ -16,8 +16,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "charlm.training.loop",
-    "TrainConfig": "charlm.training.loop",
+    "train": "charlm.lm.training",
+    "TrainConfig": "charlm.lm.config",
+    "train_tagger": "charlm.punctuation.training",
+    "TaggerTrainConfig": "charlm.punctuation.config",
+    "TrainResult": "charlm.training.loop",
     "sample": "charlm.inference.sampling",
     "perplexity": "charlm.inference.evaluation",
     "ModelConfig": "charlm.lm.config",

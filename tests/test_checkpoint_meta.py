@@ -23,6 +23,7 @@ import charlm
 from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 from charlm.errors import CharlmError
+from charlm.lm import checkpoint as lm_checkpoint
 from charlm.lm import model
 from charlm.lm.checkpoint import load_model
 from charlm.lm.config import TrainConfig
@@ -312,7 +313,7 @@ def test_version_1_checkpoint_is_upgraded_and_its_model_runs_as_before(tmp_path:
 
     for section, cls in (("model", model.ModelConfig), ("train", TrainConfig)):
         names = {field.name for field in dataclasses.fields(cls)}
-        added = {k: v for k, v in ckpt.V1_BEHAVIOUR[section].items() if k in names}
+        added = {k: v for k, v in lm_checkpoint.V1_BEHAVIOUR[section].items() if k in names}
         assert loaded.meta[section] == {**added, **V1_META[section]}
         assert set(loaded.meta[section]) == names
     assert TrainConfig(**loaded.meta["train"]).lr == 2e-3  # the version-1 value, not the default
@@ -329,7 +330,7 @@ def test_version_1_checkpoint_is_upgraded_and_its_model_runs_as_before(tmp_path:
 
 
 def test_version_1_fills_only_the_fields_the_configs_have(tmp_path: Path, monkeypatch):
-    monkeypatch.setitem(ckpt.V1_BEHAVIOUR["model"], "not_a_field", 1.0)
+    monkeypatch.setitem(lm_checkpoint.V1_BEHAVIOUR["model"], "not_a_field", 1.0)
     path = write(tmp_path / "v1.ckpt", V1_META, arrays=v1_params(), format_version="1")
     assert "not_a_field" not in ckpt.load(path).meta["model"]
 
@@ -338,7 +339,10 @@ def test_version_1_field_without_a_version_1_value_is_named(tmp_path: Path):
     meta = copy.deepcopy(V1_META)
     del meta["model"]["hidden_size"]
     path = write(tmp_path / "v1.ckpt", meta, format_version="1")
-    with pytest.raises(CharlmError, match=r"model\.hidden_size is missing, and .*V1_BEHAVIOUR"):
+    with pytest.raises(
+        CharlmError,
+        match=r"model\.hidden_size is missing, and the language model kind has no version-1 value",
+    ):
         ckpt.load(path)
 
 
@@ -355,7 +359,7 @@ def as_version_1(path: Path) -> None:
 def test_version_1_run_samples_scores_and_resumes(corpus_file: Path):
     # Train with version 1's behaviour, so that its version-1 rewrite describes the same model.
     names = {field.name for field in dataclasses.fields(TrainConfig)}
-    as_before = {k: v for k, v in ckpt.V1_BEHAVIOUR["train"].items() if k in names}
+    as_before = {k: v for k, v in lm_checkpoint.V1_BEHAVIOUR["train"].items() if k in names}
     options = {**TINY, "eval_every": 10, **as_before}
     run_dir = charlm.train(str(corpus_file), steps=20, progress=False, **options).run_dir
     for name in (ckpt.LATEST, ckpt.BEST):
@@ -389,5 +393,8 @@ def test_version_2_checkpoint_scores_its_whole_held_out_split_as_it_did(tmp_path
     assert loaded.meta == {**meta, "train": {**meta["train"], "val_max_chars": None}}
     missing = copy.deepcopy(meta)
     del missing["train"]["lr"]
-    with pytest.raises(CharlmError, match=r"train\.lr is missing, and .*V2_BEHAVIOUR"):
+    with pytest.raises(
+        CharlmError,
+        match=r"train\.lr is missing, and the language model kind has no version-2 value",
+    ):
         ckpt.load(write(tmp_path / "bad.ckpt", missing, format_version="2"))

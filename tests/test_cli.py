@@ -131,12 +131,24 @@ def test_sample_prime_outside_vocabulary(trained_run: Path):
     assert dropped.exit_code == 0 and dropped.stdout.startswith("出")
 
 
-def test_options_are_validated_by_the_cli():
+def test_options_are_validated_in_one_place(corpus_file: Path, trained_run: Path):
+    """click parses an option's type; its range is checked with the other options of its kind
+    (the run's config, or the sampling options), as one line naming it."""
     bad = run("train", "x.txt", "--time-budget", "ten minutes")
     assert bad.exit_code == 2 and "is not a duration" in bad.stderr
-    assert run("sample", "--temperature", "0").exit_code == 2
-    too_big = run("sample", "--seed", str(2**64))
-    assert too_big.exit_code == 2 and "--seed" in too_big.stderr
+    cases = [
+        (["train", str(corpus_file), "--layers", "0"], "--layers must be at least 1"),
+        (["train", str(corpus_file), "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["train", str(corpus_file), "--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (
+            ["punctuate", "train", str(corpus_file), "--seq-len", "3"],
+            "--seq-len must be at least 4",
+        ),
+        (["sample", "-c", str(trained_run), "--temperature", "0"], "temperature must be positive"),
+        (["sample", "-c", str(trained_run), "--seed", str(2**64)], "seed must be in [0, 2**63)"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(run(*args), message)
 
 
 def test_version_and_help():

@@ -33,15 +33,26 @@ TOLERANCE = dict(rtol=2e-5, atol=2e-6)
 PROCESS = r"""
 import json, sys
 from charlm.devices import cluster
-from charlm.training.loop import train
+from charlm.lm.training import train
+from charlm.punctuation.training import train_tagger
 coordinator, count, index, corpus, run_dir, options = sys.argv[1:7]
 cluster.join(coordinator, int(count), int(index))
 options = json.loads(options)
 resume = options.pop("resume", False)
+tagger = options.pop("tagger", None)
 result = train(None if resume else corpus, run_dir=run_dir, resume=resume, progress=False,
                **options)
-print(json.dumps({"step": result.step, "val_loss": result.val_loss, "best": result.best_val_loss}))
+ended = {"step": result.step, "val_loss": result.val_loss, "best": result.best_val_loss}
+if tagger is not None:
+    tagged = train_tagger(corpus, run_dir=run_dir + "-tagger", progress=False, **tagger)
+    ended.update(tagger_step=tagged.step, tagger_val_loss=tagged.val_loss)
+print(json.dumps(ended))
 """
+# A punctuation tagger's run, which the first run of two processes trains after its language
+# model: the same skeleton carries it over processes.
+TAGGER = dict(
+    hidden_size=16, embed_size=8, layers=1, batch_size=8, seq_len=16, steps=6, eval_every=3
+)
 
 
 def free_port() -> int:
@@ -109,7 +120,10 @@ def test_two_processes_train_the_model_of_one_and_resume(
     corpus_file: Path, tmp_path: Path, processes: list
 ):
     charlm.train(str(corpus_file), run_dir=tmp_path / "one", steps=8, progress=False, **OPTIONS)
-    together = run_two(processes, corpus_file, tmp_path / "two", {**OPTIONS, "steps": 8})
+    tagger = dict(TAGGER, precision="float32")
+    charlm.train_tagger(str(corpus_file), run_dir=tmp_path / "one-tagger", progress=False, **tagger)
+    options = {**OPTIONS, "steps": 8, "tagger": tagger}
+    together = run_two(processes, corpus_file, tmp_path / "two", options)
     # Each process scored the held-out split on its own copy of the parameters: the same loss.
     assert together[0] == together[1]
     assert together[0]["step"] == 8
@@ -119,6 +133,11 @@ def test_two_processes_train_the_model_of_one_and_resume(
     for name in one:
         np.testing.assert_allclose(two[name], one[name], err_msg=name, **TOLERANCE)
     assert len((tmp_path / "two" / ckpt.METRICS).read_text().splitlines()) == 2
+    assert together[0]["tagger_step"] == 6
+    one_tagger, two_tagger = params(tmp_path / "one-tagger"), params(tmp_path / "two-tagger")
+    assert any(name.startswith("params/") for name in one_tagger)
+    for name in one_tagger:
+        np.testing.assert_allclose(two_tagger[name], one_tagger[name], err_msg=name, **TOLERANCE)
 
     run_two(processes, corpus_file, tmp_path / "split", {**OPTIONS, "steps": 4})
     resumed = run_two(processes, corpus_file, tmp_path / "split", {"resume": True, "steps": 8})

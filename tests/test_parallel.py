@@ -1,5 +1,6 @@
 """Data parallelism: a run on several devices trains the same model as on one, resumes on any
-number of them, and refuses a batch that the devices cannot share.
+number of them, and refuses a batch that the devices cannot share; a language model's run and
+a punctuation tagger's alike.
 
 JAX fixes its device count when it starts, so each case runs in a child process with
 JAX_NUM_CPU_DEVICES set: 4 CPU devices there, 1 in the test process itself.
@@ -27,8 +28,10 @@ from charlm.cli import main
 CHILD = r"""
 import json, shutil, sys, time
 from charlm.devices.data_parallel import DataParallel
-from charlm.training.run_setup import open_session
-from charlm.training.loop import TrainingRun, train
+from charlm.lm.training import RUN_KIND, LanguageModelRun, train
+from charlm.punctuation.training import train_tagger
+from charlm.training.loop import TrainingRun
+from charlm.training.run_setup import open_run
 
 corpus, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 options.update(steps=8, decay_steps=8, eval_every=4, progress=False)
@@ -39,9 +42,17 @@ for first, then in ((2, 1), (1, 4)):
     train(corpus, run_dir=run_dir, devices=first, **{**options, "steps": 4})
     shutil.copy(f"{run_dir}/latest.ckpt", f"{run_dir}-step-4.ckpt")
     train(resume=True, run_dir=run_dir, devices=then, steps=8, progress=False)
+tagger = dict(hidden_size=16, embed_size=8, layers=1, batch_size=8, seq_len=16, eval_every=3,
+              precision="float32", steps=6, decay_steps=6, progress=False)
+for devices in (1, 2):
+    train_tagger(corpus, run_dir=f"{out}/tagger-on-{devices}", devices=devices, **tagger)
+train_tagger(corpus, run_dir=f"{out}/tagger-from-2-to-1", devices=2, **{**tagger, "steps": 3})
+shutil.copy(f"{out}/tagger-from-2-to-1/latest.ckpt", f"{out}/tagger-step-3.ckpt")
+train_tagger(resume=True, run_dir=f"{out}/tagger-from-2-to-1", devices=1, steps=6, progress=False)
 options.pop("progress")
-session = open_session(corpus, None, f"{out}/look", False, options, False)
-run = TrainingRun(session, DataParallel.over(2), False, time.monotonic())
+session = open_run(RUN_KIND, corpus, None, f"{out}/look", False, options, False)
+parallel = DataParallel.over(2)
+run = TrainingRun(session, LanguageModelRun(session, parallel), parallel, False, time.monotonic())
 run.train_step()
 carry, params = run.state["carry"][0][0], run.state["params"]["head"]["b"]
 
@@ -136,6 +147,22 @@ def test_a_run_resumes_on_another_number_of_devices(trained, change: str):
     assert ckpt.load(out / change / ckpt.LATEST).meta["step"] == 8
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], err_msg=name, **TOLERANCE)
+
+
+@pytest.mark.parametrize("run", ["tagger-on-2", "tagger-from-2-to-1"])
+def test_a_tagger_trains_through_the_same_skeleton_on_two_devices_as_on_one(trained, run: str):
+    """The tagger's step, batches and evaluation are its own; the devices, the sharding and
+    resume come from the run skeleton, as for the language model."""
+    out, _ = trained
+    one, other = _params(out / "tagger-on-1"), _params(out / run)
+    assert one.keys() == other.keys() and any(name.startswith("params/") for name in one)
+    meta = ckpt.load(out / run / ckpt.LATEST).meta
+    assert meta["kind"] == "tagger" and meta["step"] == 6
+    earlier = ckpt.load(out / "tagger-step-3.ckpt").arrays
+    for name in one:
+        np.testing.assert_allclose(other[name], one[name], err_msg=name, **TOLERANCE)
+        if one[name].ndim == 2:
+            assert np.abs(one[name] - earlier[name]).max() > 100 * TOLERANCE["atol"], name
 
 
 def test_a_batch_the_devices_cannot_share_is_one_line(corpus_file: Path):

@@ -20,6 +20,7 @@ from charlm.checkpoints import file_format as ckpt
 from charlm.checkpoints import schema as checkpoint_meta
 from charlm.errors import CharlmError
 from charlm.lm.checkpoint import load_model
+from charlm.punctuation.checkpoint import NO_TAGGER_DROPOUT
 from charlm.punctuation.scores import score_labels
 from charlm.punctuation.tagger import Tagger, score_tagger, window_batch, window_plan
 from charlm.punctuation.training import train_tagger
@@ -194,7 +195,7 @@ def test_a_version_3_tagger_loads_as_the_tagger_without_dropout_it_was(
     arrays = safetensors.numpy.load_file(tagger_run / ckpt.LATEST)
     meta = json.loads(header["meta"])
     for section in ("tagger", "train"):
-        for name in ckpt.NO_TAGGER_DROPOUT:
+        for name in NO_TAGGER_DROPOUT:
             del meta[section][name]
     old = tmp_path / "v3.ckpt"
     header.update(format_version="3", meta=json.dumps(meta, ensure_ascii=False))

@@ -68,7 +68,7 @@ def test_run_directory_checkpoints_and_metrics(corpus_file: Path):
     assert latest["step"] == 45
     assert latest["corpus"]["sha256"] and latest["corpus"]["split_index"] > 0
     assert latest["model"]["cell"] == "lstm"
-    assert Path(ckpt.LAST_RUN_FILE).read_text().strip() == str(result.run_dir.resolve())
+    assert Path(".charlm-last-run").read_text().strip() == str(result.run_dir.resolve())
     # A second run of the same corpus does not touch the first one's directory.
     again = charlm.train(str(corpus_file), steps=5, progress=False, **TINY)
     assert again.run_dir == Path("runs/mixed-2")

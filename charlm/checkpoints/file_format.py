@@ -7,11 +7,10 @@ config, vocabulary, step, training config and corpus provenance, whose every fie
 checks (`charlm.checkpoints.schema`). Arrays are named `group/path/in/pytree`, for example
 `params/layers/0/w_h` or `opt_state/1/0/mu/embed`.
 
-A file of an older format version is upgraded as it is read (`UPGRADES`): version 2 records the
-regularisation options, which version 1 did not have, version 3 the cap on the held-out
-characters each evaluation reads, and version 4 a punctuation tagger's dropout;
-`V1_BEHAVIOUR`, `V2_BEHAVIOUR` and `V3_BEHAVIOUR` give the values that behave as those versions
-did.
+A file of an older format version is upgraded as it is read, with the values that each model
+kind registers for the fields its older documents lack (`KindSchema.upgrades`): version 2
+recorded the language model's regularisation options, version 3 the cap on the held-out
+characters each evaluation reads, and version 4 a punctuation tagger's dropout.
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the old
 file: a crash at any moment leaves either the old checkpoint or the new one, never a torn file.
@@ -19,12 +18,11 @@ file: a crash at any moment leaves either the old checkpoint or the new one, nev
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,42 +40,6 @@ FORMAT_VERSION = 4
 LATEST = "latest.ckpt"
 BEST = "best.ckpt"
 METRICS = "metrics.jsonl"
-# The most recent run of the working directory, of each kind, which commands default to.
-LAST_RUN_FILE = ".charlm-last-run"
-LAST_TAGGER_FILE = ".charlm-last-tagger"
-LAST_RUN = {checkpoint_meta.LANGUAGE_MODEL: LAST_RUN_FILE, checkpoint_meta.TAGGER: LAST_TAGGER_FILE}
-TRAIN_COMMAND = {
-    checkpoint_meta.LANGUAGE_MODEL: "charlm train FILE",
-    checkpoint_meta.TAGGER: "charlm punctuate train FILE",
-}
-
-# For each config field that a version-1 checkpoint may lack, the value that trains and runs
-# the model as version 1 did. A field added to ModelConfig or TrainConfig needs its entry here:
-# without one, version-1 checkpoints fail to load with an error naming the field. (`precision`
-# came during version 1; the checkpoints written before it are float32.)
-V1_BEHAVIOUR: dict[str, dict[str, Any]] = {
-    "model": {
-        "precision": "float32",
-        "input_dropout": 0.0,
-        "embed_dropout": 0.0,
-        "weight_drop": 0.0,
-        "tie_embeddings": False,
-    },
-    "train": {
-        "precision": "float32",
-        "input_dropout": 0.0,
-        "embed_dropout": 0.0,
-        "weight_drop": 0.0,
-        "tie_embeddings": False,
-        "beta2": 0.999,
-        "val_max_chars": None,
-    },
-}
-# Version 3 added `val_max_chars`; version 2 scored the whole held-out split at every evaluation.
-V2_BEHAVIOUR: dict[str, dict[str, Any]] = {"model": {}, "train": {"val_max_chars": None}}
-# Version 4 added a tagger's dropout rates; the taggers of version 3 trained without dropout.
-NO_TAGGER_DROPOUT = {"dropout": 0.0, "embed_dropout": 0.0, "weight_drop": 0.0}
-V3_BEHAVIOUR: dict[str, dict[str, Any]] = {"tagger": NO_TAGGER_DROPOUT, "train": NO_TAGGER_DROPOUT}
 
 
 @dataclass(frozen=True)
@@ -197,8 +159,7 @@ def _checked_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
         meta = json.loads(metadata["meta"])
     except ValueError:
         raise checkpoint_meta.field_error(str(path), "meta", "is not JSON") from None
-    for old in range(version, FORMAT_VERSION):
-        meta = UPGRADES[old](meta, str(path))
+    meta = checkpoint_meta.upgraded(meta, str(path), version, FORMAT_VERSION)
     checkpoint_meta.validate(meta, str(path))
     return meta
 
@@ -221,65 +182,24 @@ def _format_version(metadata: Mapping[str, str], source: str) -> int:
     return int(text)
 
 
-def _filled(meta: Any, source: str, version: int, behaviour: dict[str, dict[str, Any]]) -> Any:
-    """The next version's document of the version-`version` metadata `meta` (of the file
-    `source`): each config field that the config classes have and `meta` lacks, filled from
-    `behaviour`. A field that neither gives raises CharlmError naming it; other faults are
-    left to `checkpoint_meta.validate`."""
-    if not isinstance(meta, dict):
-        return meta
-    upgraded = dict(meta)
-    for section, cls in checkpoint_meta.config_classes(checkpoint_meta.kind(meta)).items():
-        config = meta.get(section)
-        if not isinstance(config, dict):
-            continue
-        upgraded[section] = filled = dict(config)
-        for field in dataclasses.fields(cls):
-            if field.name in filled:
-                continue
-            if field.name not in behaviour.get(section, {}):
-                raise checkpoint_meta.field_error(
-                    source,
-                    f"{section}.{field.name}",
-                    f"is missing, and charlm.checkpoints.file_format.V{version}_BEHAVIOUR has no "
-                    f"version-{version} value for it",
-                )
-            filled[field.name] = behaviour[section][field.name]
-    return upgraded
+def remember_run(run_dir: str | os.PathLike, kind: str | None = None) -> None:
+    """Record `run_dir` as the most recent run of its `kind` (the language model when None)
+    in the working directory."""
+    schema = checkpoint_meta.default_kind() if kind is None else checkpoint_meta.get(kind)
+    write_atomic(Path(schema.last_run_file), str(Path(run_dir).resolve()).encode())
 
 
-def upgrade_v1(meta: Any, source: str) -> Any:
-    return _filled(meta, source, 1, V1_BEHAVIOUR)
-
-
-def upgrade_v2(meta: Any, source: str) -> Any:
-    return _filled(meta, source, 2, V2_BEHAVIOUR)
-
-
-def upgrade_v3(meta: Any, source: str) -> Any:
-    return _filled(meta, source, 3, V3_BEHAVIOUR)
-
-
-# The upgrade from each older format version to the next.
-UPGRADES: dict[int, Callable[[Any, str], Any]] = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3}
-
-
-def remember_run(run_dir: str | os.PathLike, kind: str = checkpoint_meta.LANGUAGE_MODEL) -> None:
-    """Record `run_dir` as the most recent run of its `kind` in the working directory."""
-    write_atomic(Path(LAST_RUN[kind]), str(Path(run_dir).resolve()).encode())
-
-
-def resolve(
-    checkpoint: str | os.PathLike | None, kind: str = checkpoint_meta.LANGUAGE_MODEL
-) -> Path:
+def resolve(checkpoint: str | os.PathLike | None, kind: str | None = None) -> Path:
     """The checkpoint file that `checkpoint` names: a file, a run directory (its best checkpoint,
-    else its latest) or, when None, the most recent run of `kind` in the working directory."""
+    else its latest) or, when None, the most recent run of `kind` (the language model when
+    None) in the working directory."""
     if checkpoint is None:
-        last = Path(LAST_RUN[kind])
+        schema = checkpoint_meta.default_kind() if kind is None else checkpoint_meta.get(kind)
+        last = Path(schema.last_run_file)
         if not last.is_file():
             raise CharlmError(
                 "no --checkpoint given and no run recorded in this directory; "
-                f"train one with `{TRAIN_COMMAND[kind]}` or pass --checkpoint PATH"
+                f"train one with `{schema.train_command}` or pass --checkpoint PATH"
             )
         checkpoint = last.read_text(encoding="utf-8").strip()
     path = Path(checkpoint)

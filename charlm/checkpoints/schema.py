@@ -1,12 +1,17 @@
-"""The metadata document of a checkpoint: its schema, and its validation when a file is read.
+"""The metadata document of a checkpoint: its schema, the registry of model kinds that extend
+it, and its validation when a file is read.
 
-The document is the JSON object that `charlm.training.loop` writes with every checkpoint (see
-`charlm.checkpoints.file_format`), or `charlm.punctuation.training` with a punctuation tagger's. A tagger's
-document says `"kind": "tagger"`; a language model's has no kind, as every checkpoint written
-before taggers existed. The rules for the config sections (a language model's `model` and
-`train`, a tagger's `tagger` and `train`) come from the fields of their dataclasses and their
-annotated types, so a field added to one is checked with no change here; the other sections
-are written out in `schema`.
+Every checkpoint's document has the fields that `COMMON` lists: the version that wrote it,
+the vocabulary, the training run's options, the step, the schedule's horizon, the corpus and
+the losses. A model kind adds its own (`KindSchema`): the config sections of its model and
+run, whose rules come from the fields of their dataclasses and their annotated types (a field
+added to one is checked with no change here), its other sections and scores, the values that
+upgrade its older documents, and a check of its own. Kinds register themselves when their
+module is imported (`register`); the modules are named as entry points of the group
+`charlm.model_kinds` (pyproject.toml), which this module loads the first time a kind is
+needed, so that it names no kind itself. A document names its kind in `kind`; the language
+model's documents, older than kinds, have none, and belong to the kind registered with
+`names_itself=False`.
 Every problem is one CharlmError line that names the file and the field, for example
 `runs/x/latest.ckpt: metadata field model.hidden_size must be an integer, got "256"`.
 """
@@ -14,34 +19,49 @@ Every problem is one CharlmError line that names the file and the field, for exa
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import itertools
 import json
 import math
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from charlm.errors import CharlmError
-from charlm.lm import model
-from charlm.lm.config import TrainConfig
-from charlm.punctuation import model as tagger
-from charlm.punctuation.config import TaggerTrainConfig
-from charlm.punctuation.marks import MarkSet
 
-# The kinds of model a checkpoint holds: its document's `kind` field, absent for a language model.
-LANGUAGE_MODEL = "language model"
-TAGGER = "tagger"
+ENTRY_POINTS = "charlm.model_kinds"
 
-# A field's rule is one of the types in KINDS, a union of them such as `str | None`, or, for a
+# A field's rule is one of the types in TYPES, a union of them such as `str | None`, or, for a
 # nested object, a dict of the rules of its fields (each required, no others allowed).
 Rule = Any
-KINDS = {
+TYPES = {
     int: "an integer",
     float: "a number",
     bool: "true or false",
     str: "a string",
     list: "a list",
     type(None): "null",
+}
+# The fields of every kind's document, besides the kind's own.
+COMMON: dict[str, Rule] = {
+    "charlm_version": str,
+    "created": str,
+    "vocab": str,
+    "step": int,
+    "decay_steps": int,
+    "epoch": float,
+    "corpus": {
+        "path": str,
+        "sha256": str,
+        "encoding": str | None,
+        "characters": int,
+        "val_fraction": float,
+        "split_index": int,
+    },
+    "train_loss": float | None,
+    "val_loss": float | None,
 }
 # The least value of the numbers outside the configs, whose own checks bound theirs.
 MINIMUM = {
@@ -56,22 +76,73 @@ MINIMUM = {
 }
 
 
+@dataclass(frozen=True)
+class KindSchema:
+    """What one kind of model adds to a checkpoint's document, and how charlm names it."""
+
+    name: str  # the document's `kind`
+    what: str  # the kind as a message names it: "a language model"
+    train_command: str  # how one is trained: "charlm train FILE"
+    use_command: str  # what uses its checkpoints: "charlm sample"
+    last_run_file: str  # the working directory's record of its latest run
+    configs: dict[str, type]  # its config sections and their dataclasses
+    shape: str  # the config section whose vocab_size the vocabulary must match
+    sections: dict[str, Rule] = field(default_factory=dict)  # its other sections' rules
+    scores: dict[str, Rule] = field(default_factory=dict)  # its scores' rules
+    # For each older format version, the value of each config field that documents of that
+    # version lack which trains and runs the model as that version did.
+    upgrades: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    check: Callable[[dict[str, Any], str], None] | None = None  # its own check of a document
+    names_itself: bool = True  # whether its documents carry `kind`
+
+    def schema(self) -> dict[str, Rule]:
+        """The rules of a whole document of this kind."""
+        configs = {section: config_rules(cls) for section, cls in self.configs.items()}
+        own = {"kind": str} if self.names_itself else {}
+        return {**COMMON, **own, **configs, **self.sections, **self.scores}
+
+
+_KINDS: dict[str, KindSchema] = {}
+
+
+def register(kind: KindSchema) -> None:
+    """Add a kind of model; its module calls this when it is imported."""
+    _KINDS[kind.name] = kind
+
+
+def kinds() -> dict[str, KindSchema]:
+    """Every registered kind, by name; the entry points' modules are imported first."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        if entry.value not in _LOADED:
+            _LOADED.add(entry.value)
+            entry.load()
+    return _KINDS
+
+
+_LOADED: set[str] = set()
+
+
+def get(name: str) -> KindSchema:
+    """The registered kind of this `name`."""
+    known = kinds()
+    if name not in known:
+        raise CharlmError(f"charlm knows no model kind {name!r}: reinstall charlm")
+    return known[name]
+
+
+def default_kind() -> KindSchema:
+    """The kind whose documents carry no `kind`: the language model, older than kinds."""
+    return next(kind for kind in kinds().values() if not kind.names_itself)
+
+
+def kind_of(meta: dict[str, Any]) -> KindSchema:
+    """The kind of a metadata document that names a registered kind, or carries none."""
+    return get(meta["kind"]) if "kind" in meta else default_kind()
+
+
 def field_error(source: str, name: str, problem: str) -> CharlmError:
     """The error for metadata field `name` (dotted, as `model.cell`) of the file `source`."""
     return CharlmError(f"{source}: metadata field {name} {problem}")
-
-
-def kind(meta: dict[str, Any]) -> str:
-    """The kind of model that a checked metadata document describes."""
-    return meta.get("kind", LANGUAGE_MODEL)
-
-
-def config_classes(of: str = LANGUAGE_MODEL) -> dict[str, type]:
-    """The dataclass of each config section of a document of kind `of`: a language model's
-    model and train, a tagger's tagger and train."""
-    if of == TAGGER:
-        return {"tagger": tagger.TaggerConfig, "train": TaggerTrainConfig}
-    return {"model": model.ModelConfig, "train": TrainConfig}
 
 
 def config_rules(cls: type) -> dict[str, Rule]:
@@ -79,49 +150,41 @@ def config_rules(cls: type) -> dict[str, Rule]:
     hints = typing.get_type_hints(cls)
     rules = {field.name: hints[field.name] for field in dataclasses.fields(cls)}
     for name, rule in rules.items():
-        if any(kind not in KINDS for kind in _kinds(rule)):
+        if any(kind not in TYPES for kind in _kinds(rule)):
             raise TypeError(f"checkpoints cannot record {cls.__name__}.{name} of type {rule}")
     return rules
 
 
-def schema(of: str = LANGUAGE_MODEL) -> dict[str, Rule]:
-    """The rules of a checkpoint's whole metadata document, of kind `of`."""
-    configs = {section: config_rules(cls) for section, cls in config_classes(of).items()}
-    if of == TAGGER:
-        own: dict[str, Rule] = {
-            "kind": str,
-            "tagger": configs["tagger"],
-            "marks": {"label_strings": list},
-        }
-        # A tagger's best checkpoint is its best at breaking sentences, not its lowest loss.
-        scores: dict[str, Rule] = {"val_break_f1": float | None, "best_val_break_f1": float | None}
-    else:
-        own = {
-            "model": configs["model"],
-            "data_position": {"steps_per_epoch": int, "stream_offset": int},
-        }
-        scores = {"best_val_loss": float | None}
-    return {
-        "charlm_version": str,
-        "created": str,
-        **own,
-        "vocab": str,
-        "train": configs["train"],
-        "step": int,
-        "decay_steps": int,
-        "epoch": float,
-        "corpus": {
-            "path": str,
-            "sha256": str,
-            "encoding": str | None,
-            "characters": int,
-            "val_fraction": float,
-            "split_index": int,
-        },
-        "train_loss": float | None,
-        "val_loss": float | None,
-        **scores,
-    }
+def upgraded(meta: Any, source: str, version: int, current: int) -> Any:
+    """The document of the current format version of the version-`version` metadata `meta`
+    (of the file `source`): each config field that its kind's config classes have and `meta`
+    lacks, filled from the kind's `upgrades` of each version from `version` on. A field that
+    none gives raises CharlmError naming it; other faults are left to `validate`."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind", ""), str):
+        return meta
+    kind = kinds().get(meta["kind"]) if "kind" in meta else default_kind()
+    if kind is None:
+        return meta
+    for old in range(version, current):
+        behaviour = kind.upgrades.get(old, {})
+        meta = dict(meta)
+        for section, cls in kind.configs.items():
+            config = meta.get(section)
+            if not isinstance(config, dict):
+                continue
+            meta[section] = filled = dict(config)
+            for config_field in dataclasses.fields(cls):
+                if config_field.name in filled:
+                    continue
+                if config_field.name not in behaviour.get(section, {}):
+                    raise field_error(
+                        source,
+                        f"{section}.{config_field.name}",
+                        f"is missing, and the {kind.name} kind has no version-{old} value "
+                        "for it (KindSchema.upgrades)",
+                    )
+                filled[config_field.name] = behaviour[section][config_field.name]
+    return meta
 
 
 def validate(meta: Any, source: str) -> None:
@@ -130,12 +193,16 @@ def validate(meta: Any, source: str) -> None:
     field that is not."""
     if not isinstance(meta, dict):
         raise field_error(source, "meta", f"must be a JSON object, got {_show(meta)}")
-    of = kind(meta)
-    if of not in (LANGUAGE_MODEL, TAGGER):
+    named = [kind.name for kind in kinds().values() if kind.names_itself]
+    if "kind" in meta and meta["kind"] not in named:
+        choices = " or ".join(f'"{name}"' for name in named)
         raise field_error(
-            source, "kind", f'must be "{TAGGER}" or absent (a language model), got {_show(of)}'
+            source,
+            "kind",
+            f"must be {choices} or absent ({default_kind().what}), got {_show(meta['kind'])}",
         )
-    _check(meta, schema(of), "", source)
+    kind = kind_of(meta)
+    _check(meta, kind.schema(), "", source)
     for name, least in MINIMUM.items():
         section, _, key = name.rpartition(".")
         value = meta.get(section, {}).get(key) if section else meta[key]
@@ -146,38 +213,20 @@ def validate(meta: Any, source: str) -> None:
         raise field_error(
             source, "vocab", "must be one or more distinct characters in code-point order"
         )
-    shape = "tagger" if of == TAGGER else "model"
-    if len(vocab) != meta[shape]["vocab_size"]:
+    size = meta[kind.shape]["vocab_size"]
+    if len(vocab) != size:
         raise field_error(
-            source,
-            "vocab",
-            f"has {len(vocab)} characters but {shape}.vocab_size is {meta[shape]['vocab_size']}",
+            source, "vocab", f"has {len(vocab)} characters but {kind.shape}.vocab_size is {size}"
         )
-    if of == TAGGER:
-        _check_marks(meta, source)
-    for section, cls in config_classes(of).items():
+    if kind.check is not None:
+        kind.check(meta, source)
+    for section, cls in kind.configs.items():
         try:
             config = cls(**meta[section])
             if hasattr(config, "validate"):
                 config.validate()
         except (ValueError, CharlmError) as err:
             raise field_error(source, section, f"is not a valid {cls.__name__}: {err}") from None
-
-
-def _check_marks(meta: dict[str, Any], source: str) -> None:
-    """A tagger's label set: runs of marks, one label each besides "no mark"."""
-    runs = meta["marks"]["label_strings"]
-    try:
-        marks = MarkSet.from_dict(meta["marks"])
-    except (TypeError, ValueError) as err:
-        raise field_error(source, "marks.label_strings", f"is not a label set: {err}") from None
-    if marks.num_labels != meta["tagger"]["num_labels"]:
-        raise field_error(
-            source,
-            "marks.label_strings",
-            f"has {len(runs)} runs of marks but tagger.num_labels is "
-            f"{meta['tagger']['num_labels']} (one more, for no mark, is needed)",
-        )
 
 
 def _check(value: Any, rule: Rule, name: str, source: str) -> None:
@@ -196,7 +245,7 @@ def _check(value: Any, rule: Rule, name: str, source: str) -> None:
                 raise field_error(source, prefix + key, "is missing")
             _check(value[key], field_rule, prefix + key, source)
     elif not any(_is(value, kind) for kind in _kinds(rule)):
-        expected = " or ".join(KINDS[kind] for kind in _kinds(rule))
+        expected = " or ".join(TYPES[kind] for kind in _kinds(rule))
         raise field_error(source, name, f"must be {expected}, got {_show(value)}")
 
 

@@ -13,10 +13,11 @@ import click
 
 from charlm import __version__
 from charlm.cli.corpus_commands import corpus, corpus_get, corpus_list
-from charlm.cli.model_commands import perplexity, sample, train
+from charlm.cli.model_commands import perplexity, sample
 from charlm.cli.punctuate_command import punctuate
 from charlm.cli.run_commands import plot, runs
 from charlm.cli.serve_command import serve
+from charlm.cli.train_command import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -1,12 +1,14 @@
-"""What every charlm command shares: duration and rate options, and turning a CharlmError
-into one line on stderr and exit status 1."""
+"""What every charlm command shares: duration and rate options, joining a run of several
+processes, and turning a CharlmError into one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -45,10 +47,9 @@ checkpoint_option = click.option(
 
 def rate_option(flag: str, what: str, default: float) -> Callable[..., Any]:
     """A probability option in [0, 1), such as a dropout rate. Its default is only stated in
-    the help: TrainConfig holds it, and the CLI does not import it (nor JAX) for --help."""
-    return click.option(
-        flag, type=click.FloatRange(0, 1, max_open=True), help=f"{what} [default: {default:g}]"
-    )
+    the help, and its range checked with the other options (`charlm.training.config.check`):
+    the config holds both, and the CLI does not import it (nor JAX) for --help."""
+    return click.option(flag, type=float, help=f"{what} [default: {default:g}]")
 
 
 def user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callable[..., Any]:
@@ -79,3 +80,26 @@ def user_errors(command: Callable[..., Any], *, compiles: bool = True) -> Callab
 
 
 user_errors_without_jax = functools.partial(user_errors, compiles=False)
+
+
+def join_run(
+    run_dir: str | None,
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+) -> None:
+    """Make this process one of a run of several, when the options (or a scheduler) ask for
+    it: the process the user started supervises a child that does the work (and exits with
+    it), and the child joins the other processes before anything else of JAX's runs."""
+    from charlm.devices import cluster
+
+    if cluster.is_requested(coordinator, num_processes, process_id):
+        if run_dir is None:
+            raise CharlmError(
+                "a run of several processes needs --run-dir, the same for every process "
+                "(on a file system they share, to resume)"
+            )
+        if not os.environ.get(cluster.WORKER):
+            command = [sys.executable, "-m", "charlm", *sys.argv[1:]]
+            sys.exit(cluster.supervise(command, Path(run_dir), process_id, coordinator))
+    cluster.join(coordinator, num_processes, process_id)

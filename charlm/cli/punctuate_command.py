@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from charlm.cli.common import checkpoint_option, rate_option, user_errors
-from charlm.cli.model_commands import train as train_language_model
+from charlm.cli.common import checkpoint_option, join_run, rate_option, user_errors
+from charlm.cli.train_command import train as train_language_model
 from charlm.errors import CharlmError
 
 TAG = "text"
@@ -124,6 +124,10 @@ SHARED_WITH_TRAIN = (
     "time_budget",
     "eval_every",
     "log_every",
+    "devices",
+    "coordinator",
+    "num_processes",
+    "process_id",
 )
 
 
@@ -163,13 +167,13 @@ def shared_with_train(command: click.Command) -> click.Command:
 )
 @click.option(
     "--max-labels",
-    type=click.IntRange(min=1),
+    type=int,
     help="Label set: the commonest runs of marks in CORPUS, at most this many. [default: 32]",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), help="Windows per step. [default: 32]")
+@click.option("--batch-size", type=int, help="Windows per step. [default: 32]")
 @click.option(
     "--seq-len",
-    type=click.IntRange(min=4),
+    type=int,
     help="Characters per window, in training and in tagging. [default: 100]",
 )
 @rate_option(
@@ -181,18 +185,24 @@ def shared_with_train(command: click.Command) -> click.Command:
 @rate_option(
     "--weight-drop", "DropConnect on each direction's recurrent weights W_h, per step.", 0.4
 )
-@click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate. [default: 0.005]"
-)
+@click.option("--lr", type=float, help="Peak learning rate. [default: 0.005]")
 @click.option(
     "--seed",
-    type=click.IntRange(0, 2**63 - 1),
+    type=int,
     help="Seed for initialisation, the training windows and dropout. [default: 0]",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @user_errors
 def train(
-    corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, **options: Any
+    corpus: str | None,
+    run_dir: str | None,
+    resume: bool,
+    quiet: bool,
+    devices: int | None,
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    **options: Any,
 ) -> None:
     """Train a punctuation tagger on CORPUS, a punctuated text file or a catalog corpus.
 
@@ -200,12 +210,22 @@ def train(
     and a deep bidirectional RNN learns the labels from the characters on both sides. The last
     --val-fraction is held out and scored (loss and sentence-break F1) every --eval-every steps;
     the run directory keeps latest.ckpt, best.ckpt and metrics.jsonl, as charlm train's does.
-    Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
+    Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped. It trains
+    through the same run skeleton as charlm train: --devices and runs of several processes
+    work as there.
     """
+    join_run(run_dir, coordinator, num_processes, process_id)
     from charlm.punctuation.training import train_tagger
 
     overrides = {name: value for name, value in options.items() if value is not None}
-    result = train_tagger(corpus, run_dir=run_dir, resume=resume, progress=not quiet, **overrides)
+    result = train_tagger(
+        corpus,
+        run_dir=run_dir,
+        resume=resume,
+        progress=not quiet,
+        devices=devices,
+        **overrides,
+    )
     if result.stop == "interrupted":
         sys.exit(130)
 

@@ -100,15 +100,23 @@ class DataParallel:
     def put_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """A training state (host or device arrays, the same in every process) placed on the
         mesh; each process fills only the shards its devices hold."""
-        state = dict(state, rng=jax.random.key_data(state["rng"]))
+        keyed = "rng" in state
+        if keyed:
+            state = dict(state, rng=jax.random.key_data(state["rng"]))
         host = jax.tree.map(np.asarray, state)
         placed = jax.tree.map(
             lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, x.__getitem__),
             host,
             self.state_shardings(host),
         )
-        placed["rng"] = jax.random.wrap_key_data(placed["rng"])
+        if keyed:
+            placed["rng"] = jax.random.wrap_key_data(placed["rng"])
         return placed
+
+    def constrain(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Inside a compiled step: `state` with the shardings of `state_shardings`, so that
+        the step returns its state where the next step expects it."""
+        return jax.lax.with_sharding_constraint(state, self.state_shardings(state))
 
     def local_rows(self, batch_size: int) -> slice:
         """The rows of a global batch that this process's devices hold: a contiguous block."""

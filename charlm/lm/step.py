@@ -102,9 +102,7 @@ def make_train_step(
             "rng": state["rng"],
         }
         if parallel is not None:
-            new_state = jax.lax.with_sharding_constraint(
-                new_state, parallel.state_shardings(new_state)
-            )
+            new_state = parallel.constrain(new_state)
         return new_state, loss
 
     return train_step

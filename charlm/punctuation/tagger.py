@@ -26,6 +26,7 @@ from charlm.data.corpus import Corpus, held_out_corpus, load_corpus
 from charlm.data.text import Vocabulary, code_points, read_text
 from charlm.errors import CharlmError
 from charlm.punctuation import model as tagger
+from charlm.punctuation.checkpoint import TAGGER
 from charlm.punctuation.config import TaggerTrainConfig
 from charlm.punctuation.marks import MarkSet, strip_and_label
 from charlm.punctuation.scores import PunctuationScores, score_labels
@@ -187,10 +188,11 @@ class Tagger:
     def load(cls, checkpoint: str | os.PathLike | None) -> Tagger:
         """The tagger of `checkpoint`: a file, a run directory, or None for the working
         directory's latest tagger run. Refuses a language model's checkpoint in one line."""
-        loaded = ckpt.load(ckpt.resolve(checkpoint, checkpoint_meta.TAGGER))
-        if checkpoint_meta.kind(loaded.meta) != checkpoint_meta.TAGGER:
+        loaded = ckpt.load(ckpt.resolve(checkpoint, TAGGER))
+        kind = checkpoint_meta.kind_of(loaded.meta)
+        if kind.name != TAGGER:
             raise CharlmError(
-                f"{loaded.path} is a language model, not a punctuation tagger; train one with "
+                f"{loaded.path} is {kind.what}, not a punctuation tagger; train one with "
                 "charlm punctuate train CORPUS"
             )
         config = tagger.TaggerConfig.from_dict(loaded.meta["tagger"])

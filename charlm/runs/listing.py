@@ -17,8 +17,6 @@ from typing import Any
 from charlm.checkpoints import file_format as ckpt
 from charlm.checkpoints import schema as checkpoint_meta
 from charlm.errors import CharlmError
-from charlm.lm.model import ModelConfig
-from charlm.punctuation.model import TaggerConfig
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ def find_runs(root: str | os.PathLike = "runs") -> list[Path]:
 def latest_run() -> Path | None:
     """The working directory's most recent run (the one `sample` and `perplexity` default to),
     or None if none was recorded or it is gone."""
-    record = Path(ckpt.LAST_RUN_FILE)
+    record = Path(checkpoint_meta.default_kind().last_run_file)
     if not record.is_file():
         return None
     path = Path(record.read_text(encoding="utf-8").strip())
@@ -104,12 +102,10 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
         meta = ckpt.read_meta(run_dir / ckpt.LATEST)
     except CharlmError as err:
         return RunSummary(str(run_dir), latest, problem=str(err))
+    # Only a language model's loss is over characters; a tagger's is over labels.
     best = meta.get("best_val_loss")
-    tagger = checkpoint_meta.kind(meta) == checkpoint_meta.TAGGER
-    # A tagger's loss is over labels, not characters: it has no bits per character.
-    model = (TaggerConfig if tagger else ModelConfig).from_dict(
-        meta["tagger" if tagger else "model"]
-    )
+    kind = checkpoint_meta.kind_of(meta)
+    model = kind.configs[kind.shape](**meta[kind.shape])
     try:
         seconds = training_seconds(read_metrics(run_dir))[-1]
     except CharlmError:
@@ -121,6 +117,6 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
         model=model.describe(),
         steps=meta["step"],
         best_val_loss=best,
-        best_val_bpc=None if best is None or tagger else best / math.log(2),
+        best_val_bpc=None if best is None else best / math.log(2),
         seconds=seconds,
     )

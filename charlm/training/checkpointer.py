@@ -1,12 +1,11 @@
-"""A training run's checkpoints: what goes into them, when they may be written, and the
-divergence check that decides whether parameters are worth keeping."""
+"""A training run's checkpoints, for every kind of model: what goes into them, when they may be
+written, and the divergence check that decides whether parameters are worth keeping."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import math
-from functools import partial
 from typing import Any
 
 import jax
@@ -15,11 +14,8 @@ import numpy as np
 
 from charlm import __version__
 from charlm.checkpoints import file_format as ckpt
-from charlm.data.corpus import BatchStream
 from charlm.devices.data_parallel import DataParallel
 from charlm.errors import CharlmError
-from charlm.lm import model
-from charlm.lm.step import sequence_loss
 from charlm.training.run_setup import Session, corpus_meta
 
 
@@ -42,27 +38,19 @@ def loss_problem(losses: np.ndarray, vocab_size: int) -> tuple[int, str] | None:
 
 
 class Checkpointer:
-    """Writes a run's latest.ckpt (and best.ckpt) atomically, each time after one forward pass
-    on the next batch has shown that the parameters about to be saved are sane; remembers the
-    step of the last one written, which a divergence message names."""
+    """Writes a run's latest.ckpt (and best.ckpt) atomically, each time after the kind's probe
+    (one forward pass on the next batch) has shown that the parameters about to be saved are
+    sane; remembers the step of the last one written, which a divergence message names."""
 
-    def __init__(
-        self,
-        session: Session,
-        model_config: model.ModelConfig,
-        stream: BatchStream,
-        parallel: DataParallel,
-    ):
+    def __init__(self, session: Session, parts: Any, parallel: DataParallel):
         self.session = session
+        self.parts = parts
         self.parallel = parallel
-        self.model_config = model_config
-        self.stream = stream
         self.saved_step: int | None = session.loaded.meta["step"] if session.loaded else None
-        self._probe_loss = jax.jit(partial(sequence_loss, config=model_config))
 
     def check(self, kind: str, losses: np.ndarray, first_step: int) -> None:
         """Raise TrainingDiverged if one of `losses` (of steps from `first_step`) went bad."""
-        problem = loss_problem(losses, len(self.session.data.vocab))
+        problem = loss_problem(losses, self.parts.classes)
         if problem is None:
             return
         index, what = problem
@@ -77,23 +65,21 @@ class Checkpointer:
         )
 
     def save(
-        self, state: dict[str, Any], decay_steps: int, losses: dict[str, Any], is_best: bool
+        self, state: dict[str, Any], decay_steps: int, scores: dict[str, Any], is_best: bool
     ) -> None:
-        """Write `state` at its step, with `losses` (train_loss, val_loss, best_val_loss) and
+        """Write `state` at its step, with `scores` (train_loss, val_loss and the kind's) and
         the decay horizon in its metadata. Every process of a run calls it: they gather the
         state, process 0 alone writes, and none goes on before the files are whole."""
-        config = self.session.config
         step = int(state["step"])
-        groups = {g: state[g] for g in ("params", "opt_state", "carry")}
-        arrays = self.parallel.to_host({**groups, "rng": jax.random.key_data(state["rng"])})
-        inputs, targets, reset = self.stream.batch(step)
-        carry = arrays["carry"]
-        if reset:
-            carry = model.initial_state(self.model_config, config.batch_size)
-        loss = self._probe_loss(arrays["params"], inputs, targets, carry)[0]
-        self.check("training", np.array([float(loss)]), step)
+        groups = {name: part for name, part in state.items() if name not in ("step", "rng")}
+        if "rng" in state:
+            groups["rng"] = jax.random.key_data(state["rng"])
+        arrays = self.parallel.to_host(groups)
+        probe = self.parts.probe_loss(arrays, step)
+        if probe is not None:
+            self.check("training", np.array([probe]), step)
         if self.parallel.is_main:
-            self._write(arrays, step, decay_steps, losses, is_best)
+            self._write(arrays, step, decay_steps, scores, is_best)
         self.parallel.barrier(f"checkpoint at step {step}")
         self.saved_step = step
 
@@ -102,40 +88,36 @@ class Checkpointer:
         arrays: dict[str, Any],
         step: int,
         decay_steps: int,
-        losses: dict[str, Any],
+        scores: dict[str, Any],
         is_best: bool,
     ) -> None:
-        config, data = self.session.config, self.session.data
-        steps_per_epoch = self.stream.steps_per_epoch
+        config, session = self.session.config, self.session
         meta = {
             "charlm_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": self.model_config.to_dict(),
-            "vocab": data.vocab.chars,
+            **self.parts.metadata(step),
             "train": dataclasses.asdict(config),
             "step": step,
             "decay_steps": decay_steps,
-            "epoch": step / steps_per_epoch,
-            "data_position": {
-                "steps_per_epoch": steps_per_epoch,
-                "stream_offset": (step % steps_per_epoch) * config.seq_len,
-            },
-            "corpus": corpus_meta(data, config.encoding),
-            **losses,
+            "epoch": step / self.parts.steps_per_epoch,
+            "corpus": corpus_meta(session.corpus, config.encoding),
+            **scores,
         }
         blob = ckpt.encode(meta, arrays)
-        run_path = self.session.run_path
+        run_path = session.run_path
         ckpt.write_atomic(run_path / ckpt.LATEST, blob)
         if is_best:
             ckpt.write_atomic(run_path / ckpt.BEST, blob)
-        ckpt.remember_run(run_path)
+        ckpt.remember_run(run_path, session.kind.name)
 
 
 def restore(state: dict[str, Any], loaded: ckpt.Checkpoint) -> dict[str, Any]:
-    """`state` (a fresh one, as `init_state` makes it) with what `loaded` saved."""
+    """`state` (a fresh one, as the kind's `init_state` makes it) with what `loaded` saved."""
     state = dict(state)
-    for group in ("params", "opt_state", "carry"):
-        state[group] = loaded.tree(group, state[group])
+    for group in state:
+        if group not in ("step", "rng"):
+            state[group] = loaded.tree(group, state[group])
     state["step"] = np.asarray(loaded.meta["step"], np.int32)
-    state["rng"] = jax.random.wrap_key_data(jnp.asarray(loaded.arrays["rng"]))
+    if "rng" in state:
+        state["rng"] = jax.random.wrap_key_data(jnp.asarray(loaded.arrays["rng"]))
     return state

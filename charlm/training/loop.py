@@ -1,48 +1,47 @@
-"""Training: the loop that feeds the compiled step (`charlm.lm.step`), validates, and checkpoints.
+"""The run skeleton: the loop that every kind of model trains through.
 
-`train` is the loop, top to bottom; `TrainingRun` holds what it works on, one method per
+`train_run` is the loop, top to bottom; `TrainingRun` holds what it works on, one method per
 concern: a step on the devices (`charlm.devices.data_parallel`), the losses and progress shown
-(`charlm.training.progress`), evaluation (`charlm.lm.evaluation.Validation`) and checkpoints
-(`charlm.training.checkpointer`). The hidden state carried from one step to the next is part of the
-checkpoint, with everything else the step depends on, so `resume=True` continues a run bit
-for bit.
+(`charlm.training.progress`), evaluation, and checkpoints (`charlm.training.checkpointer`).
+Run directories, resume, the time budget, Ctrl-C, the checkpoint cadence, best and latest,
+metrics, data parallelism and runs of several processes are all here, once. A kind of model
+brings only its own parts (`ModelRun`): its state, its step, its batches, its evaluation and
+its part of the checkpoint's metadata (`charlm.lm.training`, `charlm.punctuation.training`).
+Everything a step depends on is in the checkpoint, so `resume=True` continues a run bit for bit.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
+import optax
 
 from charlm.checkpoints import file_format as ckpt
-from charlm.data.corpus import BatchStream
 from charlm.devices import cluster
 from charlm.devices.data_parallel import DataParallel
 from charlm.errors import CharlmError
-from charlm.lm.config import TrainConfig
-from charlm.lm.evaluation import Validation
-from charlm.lm.step import init_state, make_train_step
 from charlm.storage import remove_leftovers
 from charlm.training.checkpointer import Checkpointer, TrainingDiverged, restore
 from charlm.training.progress import Progress, RecentLosses, append_metrics, show_loss
-from charlm.training.run_setup import Session, open_session
+from charlm.training.run_setup import Session
 from charlm.training.schedule import Horizon, learning_rate, make_optimizer
 
-__all__ = ["TrainResult", "TrainingDiverged", "TrainingRun", "train"]
+__all__ = ["Evaluation", "ModelRun", "TrainResult", "TrainingDiverged", "TrainingRun", "train_run"]
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """How a run ended. `stop` is "done", "time budget" or "interrupted"."""
+    """How a run ended. `stop` is "done", "time budget" or "interrupted"; `best_val_loss` is
+    a language model's best held-out loss (a tagger's best is by break F1, in its metadata)."""
 
     run_dir: Path
     step: int
@@ -50,6 +49,58 @@ class TrainResult:
     val_loss: float | None
     best_val_loss: float | None
     stop: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a model kind on its held-out data: the mean loss in nats, the value
+    its best checkpoint is chosen by (`ModelRun.best_field`), the words that follow "val loss"
+    in the log line, and what it adds to the metrics record and to the checkpoint's metadata."""
+
+    loss: float
+    best_value: float
+    summary: str
+    record: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelRun(Protocol):
+    """What a kind of model brings to a run: everything the skeleton does not know."""
+
+    steps_per_epoch: int
+    chars_per_step: int  # characters a step reads, for the speed shown
+    classes: int  # a uniform guess scores ln(classes): the bound of the divergence check
+    best_field: str  # the metadata field of the best value: "best_val_loss", ...
+    higher_is_better: bool  # whether a higher best value is better
+    scores: dict[str, Any]  # the kind's latest scores, as its checkpoints record them
+    notes: list[str]  # lines for the log after the first, such as where parameters came from
+
+    def describe(self, parameters: int) -> str:
+        """The model and its count of `parameters`, as the first log line names them:
+        "LSTM 2×256 (1,234,567 parameters)"."""
+
+    def data_summary(self) -> str:
+        """The data, as the first log line describes it after the corpus's path."""
+
+    def init_state(self, optimizer: optax.GradientTransformation) -> dict[str, Any]:
+        """A fresh state: params, opt_state, step, and whatever else the kind's step carries."""
+
+    def make_step(self, optimizer: optax.GradientTransformation, parallel: DataParallel) -> Any:
+        """The compiled step: (state, *batch arrays, *batch extras, lr) -> (state, loss)."""
+
+    def batch(self, step: int, rows: slice) -> tuple[tuple[np.ndarray, ...], tuple[Any, ...]]:
+        """The rows of step `step`'s batch that this process holds, each split over the
+        devices along axis 0, and the arguments that follow them (not split)."""
+
+    def evaluate(self, params: Any) -> Evaluation | None:
+        """Score `params` on the held-out data; None when nothing is held out."""
+
+    def probe_loss(self, arrays: dict[str, Any], step: int) -> float | None:
+        """The loss of one forward pass of the state `arrays` (host copies) on step `step`'s
+        batch, which vouches for them before they are saved; None when the kind has none."""
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The kind's own sections of the checkpoint's metadata at `step`, vocab included."""
 
 
 @contextmanager
@@ -77,11 +128,18 @@ class TrainingRun:
     it, and its losses so far. `started` is when the session began (`time.monotonic`), from
     which the time budget counts."""
 
-    def __init__(self, session: Session, parallel: DataParallel, progress: bool, started: float):
-        config, data, loaded = session.config, session.data, session.loaded
+    def __init__(
+        self,
+        session: Session,
+        parts: ModelRun,
+        parallel: DataParallel,
+        progress: bool,
+        started: float,
+    ):
+        config, loaded = session.config, session.loaded
         parallel.check_batch_size(config.batch_size)
-        self.session, self.config, self.parallel, self.started = session, config, parallel, started
-        self.stream = BatchStream(data.train_tokens, config.batch_size, config.seq_len)
+        self.session, self.config, self.parts = session, config, parts
+        self.parallel, self.started = parallel, started
         self.rows = parallel.local_rows(config.batch_size)
         leftovers = []
         if parallel.is_main:
@@ -89,21 +147,17 @@ class TrainingRun:
             run_files = [session.run_path / ckpt.LATEST, session.run_path / ckpt.BEST]
             leftovers = remove_leftovers(run_files)
         self.horizon = Horizon.plan(
-            config, self.stream.steps_per_epoch, loaded.meta["decay_steps"] if loaded else None
+            config, parts.steps_per_epoch, loaded.meta["decay_steps"] if loaded else None
         )
-        self.model_config = config.model_config(len(data.vocab))
         optimizer = make_optimizer(config)
-        self._train_step = make_train_step(self.model_config, optimizer, parallel)
-        state = init_state(self.model_config, optimizer, config.batch_size, config.seed)
+        self._train_step = parts.make_step(optimizer, parallel)
+        state = parts.init_state(optimizer)
         self.state = parallel.put_state(restore(state, loaded) if loaded else state)
         self.step = self.start_step = int(self.state["step"])
-        self.validation = Validation(
-            data.train_tokens, data.val_tokens, len(data.vocab), config.val_max_chars
-        )
-        self.checkpoints = Checkpointer(session, self.model_config, self.stream, parallel)
-        self.losses = RecentLosses(config.batch_size * config.seq_len)
+        self.checkpoints = Checkpointer(session, parts, parallel)
+        self.losses = RecentLosses(parts.chars_per_step)
         self.val_loss: float | None = None
-        self.best_val: float | None = loaded.meta.get("best_val_loss") if loaded else None
+        self.best: float | None = loaded.meta.get(parts.best_field) if loaded else None
         self.eval_seconds = 0.0  # the last evaluation's, kept free at the end of a time budget
         by_time = self.horizon.total == Horizon.UNBOUNDED
         total = self.horizon.decay_steps if by_time else self.horizon.total
@@ -114,12 +168,12 @@ class TrainingRun:
         if parallel.processes > 1:
             devices += f" of {parallel.processes} processes"
         self.progress.log(
-            f"{'resuming' if loaded else 'training'} {self.model_config.describe()} "
-            f"({n_params:,} parameters) {session.precision_note}{devices} on {data.path} at "
-            f"step {self.step}: "
-            f"{len(data.train_tokens):,} characters, {len(data.val_tokens):,} held out, "
-            f"vocabulary {len(data.vocab):,}; run directory {session.run_path}"
+            f"{'resuming' if loaded else 'training'} {parts.describe(n_params)} "
+            f"{session.precision_note}{devices} on {session.corpus.path} at step "
+            f"{self.step}: {parts.data_summary()}; run directory {session.run_path}"
         )
+        for note in parts.notes:
+            self.progress.log(note)
         for leftover in leftovers:
             self.progress.log(
                 f"removed {leftover.name}, a checkpoint left half-written when a run here crashed"
@@ -144,10 +198,10 @@ class TrainingRun:
 
     def train_step(self) -> None:
         """One update, queued on the devices: nothing waits for it to finish."""
-        inputs, targets, reset = self.stream.batch(self.step, self.rows)
+        split, extras = self.parts.batch(self.step, self.rows)
         lr = np.float32(learning_rate(self.step, self.config, self.horizon.decay_steps))
-        batch = self.parallel.put_batch(self.config.batch_size, inputs, targets)
-        self.state, loss = self._train_step(self.state, *batch, reset, lr)
+        batch = self.parallel.put_batch(self.config.batch_size, *split)
+        self.state, loss = self._train_step(self.state, *batch, *extras, lr)
         self.step += 1
         self.losses.add(loss)
         self.progress.advance()
@@ -162,33 +216,34 @@ class TrainingRun:
         self.progress.show(self.losses.mean, self.losses.chars_per_sec, self.val_loss)
 
     def evaluate_and_save(self) -> None:
-        """Score the held-out split, refit the decay horizon of a run limited by time, write
+        """Score the held-out data, refit the decay horizon of a run limited by time, write
         the checkpoints and a line of metrics."""
         self.fetch_losses()
         eval_start = time.monotonic()
         step = self.step
         record: dict[str, Any] = {
             "step": step,
-            "epoch": round(step / self.stream.steps_per_epoch, 4),
+            "epoch": round(step / self.parts.steps_per_epoch, 4),
         }
-        # Every process scores the same parameters alone, and gets the same loss.
-        val_loss = self.validation.loss(
-            self.parallel.local(self.state["params"]), self.model_config
-        )
-        is_best = val_loss is None
-        if val_loss is not None:
+        # Every process scores the same parameters alone, and gets the same result.
+        evaluation = self.parts.evaluate(self.parallel.local(self.state["params"]))
+        is_best = evaluation is None
+        if evaluation is not None:
             # The checkpoint about to be written holds exactly these parameters: vouch for them.
-            self.checkpoints.check("validation", np.array([val_loss]), step)
-            self.val_loss = val_loss
-            is_best = self.best_val is None or val_loss < self.best_val
-            self.best_val = val_loss if is_best else self.best_val
-            record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
+            self.checkpoints.check("validation", np.array([evaluation.loss]), step)
+            self.val_loss = evaluation.loss
+            self.parts.scores.update(evaluation.meta)
+            is_best = self.best is None or (
+                evaluation.best_value > self.best
+                if self.parts.higher_is_better
+                else evaluation.best_value < self.best
+            )
+            self.best = evaluation.best_value if is_best else self.best
+            record.update(val_loss=evaluation.loss, **evaluation.record)
             self.show()
-            baselines = self.validation.baselines
             self.progress.log(
                 f"step {step}: train loss {show_loss(self.losses.mean)}, val loss "
-                f"{val_loss:.4f} ({val_loss / math.log(2):.3f} bits/char"
-                f"{'; ' + baselines if baselines else ''}){' *best*' if is_best else ''}"
+                f"{evaluation.summary}{' *best*' if is_best else ''}"
             )
         now = time.monotonic()
         elapsed, self.eval_seconds = now - self.started, now - eval_start
@@ -210,37 +265,34 @@ class TrainingRun:
         self.losses.restart_clock()
 
     def save(self, is_best: bool) -> None:
-        losses = {
+        scores = {
             "train_loss": self.losses.mean,
             "val_loss": self.val_loss,
-            "best_val_loss": self.best_val,
+            **self.parts.scores,
+            self.parts.best_field: self.best,
         }
-        self.checkpoints.save(self.state, self.horizon.decay_steps, losses, is_best)
+        self.checkpoints.save(self.state, self.horizon.decay_steps, scores, is_best)
+
+    def result(self, stop: str) -> TrainResult:
+        best_loss = self.best if self.parts.best_field == "best_val_loss" else None
+        return TrainResult(
+            self.session.run_path, self.step, self.losses.mean, self.val_loss, best_loss, stop
+        )
 
 
-def train(
-    corpus: str | None = None,
-    config: TrainConfig | None = None,
-    *,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    devices: int | None = None,
-    **overrides: Any,
+def train_run(
+    session: Session,
+    parts: Callable[[DataParallel], ModelRun],
+    devices: int | None,
+    progress: bool,
+    started: float,
 ) -> TrainResult:
-    """Train a model on `corpus` (a text file, or the name of a catalog corpus, fetched if it
-    is not here yet), or continue a run with `resume=True`.
-
-    Options are the fields of TrainConfig, given as `config` or as keyword overrides. A new run
-    goes to `run_dir` (default runs/<corpus name>, numbered if taken); `resume` continues the
-    run in `run_dir`, or the working directory's latest run, from its latest checkpoint.
-    `devices` is how many local devices share each batch (default: all of them); a run may
-    resume on another number. Raises CharlmError for bad input and TrainingDiverged when the
-    loss goes bad.
-    """
-    started = time.monotonic()
-    session = open_session(corpus, config, run_dir, resume, overrides, progress)
-    run = TrainingRun(session, DataParallel.over(devices), progress, started)
+    """Train the opened `session` to its end: its time budget, its length, or Ctrl-C, which
+    saves the latest checkpoint. `parts` makes the kind's parts for the devices of the run:
+    the first `devices` local ones of every process (all when None). Raises CharlmError for
+    a process lost from a run of several, and TrainingDiverged when the loss goes bad."""
+    parallel = DataParallel.over(devices)
+    run = TrainingRun(session, parts(parallel), parallel, progress, started)
     every = session.config
     stop: str = "done"
     try:
@@ -274,8 +326,8 @@ def train(
     if stop == "interrupted":
         run.progress.log(
             f"interrupted at step {run.step}; saved {run_path / ckpt.LATEST}. "
-            f"Resume with: charlm train --resume --run-dir {run_path}"
+            f"Resume with: {session.kind.command} --resume --run-dir {run_path}"
         )
     else:
         run.progress.log(f"stopped at step {run.step} ({stop}); checkpoints in {run_path}")
-    return TrainResult(run_path, run.step, run.losses.mean, run.val_loss, run.best_val, stop)
+    return run.result(stop)

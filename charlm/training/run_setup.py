@@ -1,9 +1,10 @@
-"""Opening a training session: a new run, or the run that `--resume` continues.
+"""Opening a run of any model kind: a new one, or the run that `--resume` continues.
 
-A session settles what the loop needs before its first step: the run's options (a resumed run
+Opening settles what the loop needs before its first step: the run's options (a resumed run
 keeps its own, apart from those that `RESUMABLE` lets change), the corpus (checked to be the
 text the run was trained on), the run directory, the checkpoint to continue from, and the
-precision that `--precision auto` chooses on this machine.
+precision that `--precision auto` chooses on this machine. What a kind of model trains on is
+the kind's own: it gives a `RunKind`, whose `load_data` reads the corpus its way.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ import jax
 from charlm.checkpoints import file_format as ckpt
 from charlm.checkpoints import schema as checkpoint_meta
 from charlm.data.catalog import resolve_corpus
-from charlm.data.corpus import Corpus, load_corpus
-from charlm.data.text import Vocabulary
+from charlm.data.corpus import Corpus
 from charlm.devices import hardware
 from charlm.errors import CharlmError
-from charlm.lm.config import TrainConfig
 from charlm.training.config import LENGTH, RESUMABLE
 
 if TYPE_CHECKING:
@@ -34,23 +33,33 @@ Config = TypeVar("Config", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
-class Session:
-    """What a training session works on. `loaded` is the checkpoint it resumes, or None;
-    `precision_note` says which precision trains and, for `auto`, why."""
+class RunKind:
+    """How a kind of model opens a run: its checkpoints' kind (`charlm.checkpoints.schema`),
+    its options' class, the command that trains it, the suffix of its default run directory,
+    and `load_data(path, config, loaded, progress, log)`, which reads the corpus at `path`
+    for a run of `config` (resuming `loaded`, or None) and returns the kind's data and the
+    corpus (`Corpus`) whose provenance the checkpoints record."""
 
-    config: TrainConfig
-    data: Corpus
+    name: str
+    config_class: type
+    command: str
+    run_dir_suffix: str
+    load_data: Callable[..., tuple[Any, Corpus]]
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a training session works on: the options, the kind's data and its corpus, the run
+    directory, the checkpoint it resumes or None, and `precision_note`, which says which
+    precision trains and, for `auto`, why."""
+
+    kind: RunKind
+    config: Any
+    data: Any
+    corpus: Corpus
     run_path: Path
     loaded: ckpt.Checkpoint | None
     precision_note: str
-
-    @classmethod
-    def start(
-        cls, config: TrainConfig, data: Corpus, run_path: Path, loaded: ckpt.Checkpoint | None
-    ) -> Session:
-        """The session, with `--precision auto` resolved for this machine's first device."""
-        config, note = resolve_precision(config)
-        return cls(config, data, run_path, loaded, note)
 
 
 def resolve_precision(config: Config) -> tuple[Config, str]:
@@ -103,24 +112,18 @@ def _resume_config(saved: Config, overrides: dict[str, Any]) -> Config:
     return dataclasses.replace(saved, **overrides)
 
 
-# Each kind of run as the message that refuses it names it, and the command that resumes it.
-_RUN_KINDS = {
-    checkpoint_meta.LANGUAGE_MODEL: ("a language model's", "charlm train"),
-    checkpoint_meta.TAGGER: ("a punctuation tagger's", "charlm punctuate train"),
-}
-
-
 def load_run(run_dir: str | Path | None, kind: str) -> tuple[Path, ckpt.Checkpoint]:
     """The run directory that `run_dir` names (None: the latest run of `kind` here) and its
-    latest checkpoint, to resume; a run of the other kind is refused in one line that says how
+    latest checkpoint, to resume; a run of another kind is refused in one line that says how
     to resume it."""
     run_path = ckpt.resolve(run_dir, kind).parent
     loaded = ckpt.load(run_path / ckpt.LATEST)
-    found = checkpoint_meta.kind(loaded.meta)
-    if found != kind:
-        what, command = _RUN_KINDS[found]
+    found = checkpoint_meta.kind_of(loaded.meta)
+    if found.name != kind:
+        command = found.train_command.removesuffix(" FILE")
         raise CharlmError(
-            f"{run_path} is {what} run; resume it with {command} --resume --run-dir {run_path}"
+            f"{run_path} is {found.what}'s run; resume it with {command} --resume "
+            f"--run-dir {run_path}"
         )
     return run_path, loaded
 
@@ -145,44 +148,36 @@ def corpus_meta(corpus: Corpus, encoding: str | None) -> dict[str, Any]:
     }
 
 
-def open_session(
+def open_run(
+    kind: RunKind,
     corpus: str | None,
-    config: TrainConfig | None,
+    config: Any,
     run_dir: str | Path | None,
     resume: bool,
     overrides: dict[str, Any],
     progress: bool,
 ) -> Session:
-    """Open a new run, or the run to resume, from `train`'s arguments (see there)."""
+    """Open a new run of `kind` on `corpus` (a file or a catalog name) with `config` and the
+    `overrides` of its fields, or with `resume` the run in `run_dir` (or the latest run of
+    the kind here), whose corpus must be unchanged."""
     if corpus is not None:
         corpus = resolve_corpus(corpus, progress=progress)
-    if not resume:
+    loaded = None
+    if resume:
+        if config is not None:
+            overrides = {**dataclasses.asdict(config), **overrides}
+        run_path, loaded = load_run(run_dir, kind.name)
+        config = _resume_config(kind.config_class(**loaded.meta["train"]), overrides)
+        corpus = corpus or loaded.meta["corpus"]["path"]
+    else:
         if corpus is None:
-            raise CharlmError("give a text file to train on: charlm train FILE")
-        config = dataclasses.replace(config or TrainConfig(), **overrides)
-        config.validate()
-        data = load_corpus(
-            corpus,
-            encoding=config.encoding,
-            val_fraction=config.val_fraction,
-            progress=progress,
-            log=_notes(progress),
-        )
-        return Session.start(config, data, _choose_run_dir(data.path, run_dir), None)
-    if config is not None:
-        overrides = {**dataclasses.asdict(config), **overrides}
-    run_path, loaded = load_run(run_dir, checkpoint_meta.LANGUAGE_MODEL)
-    config = _resume_config(TrainConfig(**loaded.meta["train"]), overrides)
+            raise CharlmError(f"give a text file to train on: {kind.command} FILE")
+        config = dataclasses.replace(config or kind.config_class(), **overrides)
     config.validate()
-    corpus_meta = loaded.meta["corpus"]
-    corpus = corpus or corpus_meta["path"]
-    data = load_corpus(
-        corpus,
-        encoding=config.encoding,
-        val_fraction=config.val_fraction,
-        vocab=Vocabulary(loaded.meta["vocab"]),
-        progress=progress,
-        log=_notes(progress),
-    )
-    check_same_text(corpus, data.sha256, loaded)
-    return Session.start(config, data, run_path, loaded)
+    data, text = kind.load_data(corpus, config, loaded, progress, _notes(progress))
+    if loaded is not None:
+        check_same_text(corpus, text.sha256, loaded)
+    else:
+        run_path = _choose_run_dir(text.path, run_dir, kind.run_dir_suffix)
+    config, note = resolve_precision(config)
+    return Session(kind, config, data, text, run_path, loaded, note)
