@@ -1,5 +1,5 @@
-"""charlm's cache directory, and durable file replacement shared by checkpoints and corpora;
-no JAX here.
+"""charlm's cache directory, durable file replacement shared by checkpoints and corpora, and
+the lock that makes one process the only writer of a run directory; no JAX here.
 
 A new file is written beside its target, fsynced, and renamed over it (a rename within one
 directory is atomic on POSIX), then the directory is fsynced so that the rename itself survives
@@ -8,8 +8,13 @@ a crash: a reader sees the old file or the new one, whole, never a torn one.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from charlm.errors import CharlmError
 
 
 def cache_dir() -> Path:
@@ -75,3 +80,31 @@ def remove_leftovers(targets: list[Path]) -> list[Path]:
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed
+
+
+LOCK_FILE = "run.lock"
+
+
+@contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the run directory `directory` (made if missing) while the
+    block runs: an OS lock (flock) on its lock file, which the kernel releases when the process
+    ends, however it ends, so that a killed run leaves no stale lock. A second writer is refused
+    in one line that names the process holding the lock; readers never take it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise CharlmError(
+                f"{directory} is being trained by another charlm process (pid {holder}); wait "
+                "for it to end, or train in another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

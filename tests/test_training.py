@@ -342,3 +342,56 @@ def test_each_evaluation_reads_at_most_val_max_chars(corpus_file: Path):
     assert loaded.meta["val_loss"] == pytest.approx(capped.loss(params, config), rel=1e-6)
     assert loaded.meta["val_loss"] != pytest.approx(whole.loss(params, config), rel=1e-4)
     assert loaded.meta["train"]["val_max_chars"] == 300
+
+
+def test_one_writer_per_run_directory(corpus_file: Path, tmp_path: Path):
+    """While a run trains, a second writer (a new run, or --resume of the same) is refused in
+    one line naming the process that holds the run; a reader is not; and when the writer is
+    killed, the kernel drops its lock, so the run resumes at once."""
+    from click.testing import CliRunner
+
+    from charlm.cli import main
+
+    def cli(*args: str):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    run = tmp_path / "run"
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in dict(TINY, eval_every=5).items()]
+    command = [sys.executable, "-m", "charlm", "train", str(corpus_file), "--run-dir", str(run)]
+    writer = subprocess.Popen(
+        [*command, *options, "--steps", "100000", "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / ckpt.LATEST).is_file():
+            assert writer.poll() is None, writer.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        refused = cli("train", "--resume", "--run-dir", str(run))
+        assert refused.exit_code == 1
+        assert refused.stderr.strip().splitlines() == [
+            f"charlm: error: {run} is being trained by another charlm process (pid "
+            f"{writer.pid}); wait for it to end, or train in another --run-dir"
+        ]
+        assert cli("sample", "-c", str(run), "-n", "5", "--seed", "1").exit_code == 0
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    step = ckpt.load(run / ckpt.LATEST).meta["step"]
+    resumed = cli("train", "--resume", "--run-dir", str(run), "--steps", str(step + 5), "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert ckpt.load(run / ckpt.LATEST).meta["step"] == step + 5
+
+
+@pytest.mark.parametrize("trainer", ["train", "train_tagger"])
+def test_a_new_run_in_a_locked_directory_is_refused(corpus_file: Path, tmp_path: Path, trainer):
+    """Two new runs started at once in one --run-dir both find it empty; the lock lets one
+    train. The lock is the run skeleton's, so every kind of model has it."""
+    from charlm.storage import run_lock
+
+    refused = pytest.raises(CharlmError, match=f"another charlm process \\(pid {os.getpid()}\\)")
+    with run_lock(tmp_path / "run"), refused:
+        getattr(charlm, trainer)(str(corpus_file), run_dir=tmp_path / "run", steps=2, **TINY)
+    assert not (tmp_path / "run" / ckpt.LATEST).exists()

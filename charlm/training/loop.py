@@ -12,6 +12,7 @@ Everything a step depends on is in the checkpoint, so `resume=True` continues a 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from charlm.checkpoints import file_format as ckpt
 from charlm.devices import cluster
 from charlm.devices.data_parallel import DataParallel
 from charlm.errors import CharlmError
-from charlm.storage import remove_leftovers
+from charlm.storage import remove_leftovers, run_lock
 from charlm.training.checkpointer import Checkpointer, TrainingDiverged, restore
 from charlm.training.progress import Progress, RecentLosses, append_metrics, show_loss
 from charlm.training.run_setup import Session
@@ -292,7 +293,15 @@ def train_run(
     the first `devices` local ones of every process (all when None). Raises CharlmError for
     a process lost from a run of several, and TrainingDiverged when the loss goes bad."""
     parallel = DataParallel.over(devices)
-    run = TrainingRun(session, parts(parallel), parallel, progress, started)
+    # Process 0 alone writes the run directory; it holds the directory's lock throughout.
+    with run_lock(session.run_path) if parallel.is_main else contextlib.nullcontext():
+        return _train(session, parts(parallel), parallel, progress, started)
+
+
+def _train(
+    session: Session, parts: ModelRun, parallel: DataParallel, progress: bool, started: float
+) -> TrainResult:
+    run = TrainingRun(session, parts, parallel, progress, started)
     every = session.config
     stop: str = "done"
     try:
