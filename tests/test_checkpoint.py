@@ -141,3 +141,37 @@ def test_resolve_run_directory_and_last_run(tmp_path: Path):
     assert ckpt.resolve(None) == run.resolve() / ckpt.BEST
     with pytest.raises(CharlmError, match="no checkpoint at"):
         ckpt.resolve(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("name", "command", "array"),
+    [
+        ("lm-lstm-float32.ckpt", ["sample", "-p", "出战", "-n", "5"], "params/embed"),
+        ("lm-lstm-float32.ckpt", ["perplexity"], "params/layers/0/w_h"),
+        ("tagger.ckpt", ["punctuate"], "params/head/w"),
+    ],
+)
+def test_a_parameter_that_is_not_finite_is_refused_on_load(
+    tmp_path: Path, name: str, command: list[str], array: str
+):
+    """One NaN made `sample` print 出战？？？？ and `perplexity` print nan, with exit 0."""
+    import safetensors.numpy
+    from click.testing import CliRunner
+
+    from charlm.cli import main
+
+    source = Path(__file__).parent / "data" / "format4"
+    with open(source / name, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    arrays = safetensors.numpy.load_file(source / name)
+    arrays[array] = arrays[array].copy()
+    arrays[array].flat[0] = np.nan
+    damaged = tmp_path / name
+    safetensors.numpy.save_file(arrays, damaged, metadata=header)
+    corpus = [str(source / "sanguo-mini.txt")] if command[0] == "perplexity" else []
+    result = CliRunner().invoke(main, [*command, "-c", str(damaged), *corpus], input="曹操引兵")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"charlm: error: {damaged}: array {array} holds NaN or infinite values; the checkpoint "
+        "is damaged, use another one of the run (best.ckpt or latest.ckpt)"
+    ]

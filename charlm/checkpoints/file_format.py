@@ -92,7 +92,8 @@ def encode(meta: Mapping[str, Any], trees: Mapping[str, Any]) -> bytes:
 
 def load(path: str | os.PathLike) -> Checkpoint:
     """Read and check a checkpoint file, upgraded to the current format version; raises
-    CharlmError if it is missing, damaged or foreign, or a field of its metadata is wrong."""
+    CharlmError if it is missing, damaged or foreign, a field of its metadata is wrong, or an
+    array holds a value that is not finite."""
     path = Path(path)
     if not path.is_file():
         raise CharlmError(f"no checkpoint at {path}")
@@ -102,6 +103,13 @@ def load(path: str | os.PathLike) -> Checkpoint:
         arrays = safetensors.numpy.load(data)
     except Exception:
         raise _damaged(path) from None
+    for name, array in arrays.items():
+        # A NaN loaded silently samples nonsense and scores nan; a run never saves one.
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CharlmError(
+                f"{path}: array {name} holds NaN or infinite values; the checkpoint is damaged, "
+                "use another one of the run (best.ckpt or latest.ckpt)"
+            )
     return Checkpoint(path, meta, arrays)
 
 
