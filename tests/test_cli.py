@@ -144,8 +144,13 @@ def test_options_are_validated_in_one_place(corpus_file: Path, trained_run: Path
             ["punctuate", "train", str(corpus_file), "--seq-len", "3"],
             "--seq-len must be at least 4",
         ),
-        (["sample", "-c", str(trained_run), "--temperature", "0"], "temperature must be positive"),
+        (
+            ["sample", "-c", str(trained_run), "--temperature", "0"],
+            "temperature must be a positive finite number",
+        ),
         (["sample", "-c", str(trained_run), "--seed", str(2**64)], "seed must be in [0, 2**63)"),
+        (["sample", "-c", str(trained_run), "-t", "inf"], "temperature must be a positive finite"),
+        (["sample", "-c", str(trained_run), "-n", "99999999999999999999"], "length must be from 0"),
     ]
     for args, message in cases:
         assert_one_line_error(run(*args), message)

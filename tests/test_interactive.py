@@ -70,7 +70,7 @@ def test_piped_lines_are_primes_and_commands(trained_run: Path):
     # ":出战", whose colon the model never saw, and not as a command.
     assert "never saw: ':'" in result.stderr
     assert expected(trained_run, "曹操", **options) in result.stdout
-    assert "temperature must be positive" in result.stderr
+    assert "temperature must be a positive finite number" in result.stderr
     assert "never read" not in result.stdout
 
 
@@ -132,7 +132,7 @@ def test_a_session_in_a_terminal(trained_run: Path):
         _read_until(controller, b"> ", seen, deadline)
         del seen[:]
         os.write(controller, b":t -2\n")
-        _read_until(controller, b"temperature must be positive", seen, deadline)
+        _read_until(controller, b"temperature must be a positive finite number", seen, deadline)
         # Ctrl-D at the prompt, as a person would type it: sent before readline takes the
         # terminal, it could be read in the wrong mode.
         del seen[: seen.index(b"positive")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
@@ -203,11 +204,15 @@ def test_empty_prime_starts_a_new_paragraph(trained_run: Path):
 @pytest.mark.parametrize(
     ("option", "value", "words"),
     [
-        ("temperature", 0.0, "temperature must be positive"),
+        ("temperature", 0.0, "temperature must be a positive finite number"),
+        ("temperature", math.inf, "temperature must be a positive finite number"),
+        ("temperature", math.nan, "temperature must be a positive finite number"),
         ("top_p", 0.0, "top_p must be in (0, 1]"),
+        ("top_p", math.nan, "top_p must be in (0, 1]"),
         ("top_k", -1, "top_k must not be negative"),
         ("seed", -1, "seed must be in [0, 2**63)"),
-        ("length", -1, "length must not be negative"),
+        ("length", -1, "length must be from 0 to 10,000,000, got -1"),
+        ("length", 10**20, "length must be from 0 to 10,000,000, got 100,000,000,000,000,000,000"),
         ("num_samples", 0, "num_samples must be at least 1"),
     ],
 )

@@ -8,6 +8,7 @@ the same text whatever the chunk size or the number of samples drawn beside it.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from charlm.lm import model
 from charlm.lm.checkpoint import load_model
 
 DEFAULT_CHUNK = 64
+# The most characters one sample may ask for: about half an hour of generation at 5,000
+# characters per second, far beyond any use, and a bound on a mistyped length.
+MAX_LENGTH = 10_000_000
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -211,16 +215,18 @@ def check_options(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> None:
     """Raise SampleError for the first option out of its range."""
-    if length < 0:
-        raise SampleError("length", "length must not be negative")
+    if not 0 <= length <= MAX_LENGTH:
+        raise SampleError("length", f"length must be from 0 to {MAX_LENGTH:,}, got {length:,}")
     if num_samples < 1:
         raise SampleError("num_samples", "num_samples must be at least 1")
     if chunk_size < 1:
         raise SampleError("chunk_size", "chunk_size must be at least 1")
     if seed is not None and not 0 <= seed < 2**63:
         raise SampleError("seed", "seed must be in [0, 2**63)")
-    if not temperature > 0:
-        raise SampleError("temperature", "temperature must be positive (use greedy for argmax)")
+    if not 0 < temperature < math.inf:
+        raise SampleError(
+            "temperature", "temperature must be a positive finite number (use greedy for argmax)"
+        )
     if top_k < 0:
         raise SampleError("top_k", "top_k must not be negative")
     if not 0 < top_p <= 1:
