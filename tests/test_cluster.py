@@ -252,6 +252,25 @@ def test_a_run_that_nobody_joins_is_one_line_after_its_time_out(
     assert_one_line(command, f"could not join the run coordinated at {coordinator} within 3 s")
 
 
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "1.5"])
+def test_a_bad_join_time_out_is_one_line_even_for_one_process(
+    corpus_file: Path, monkeypatch: pytest.MonkeyPatch, value: str
+):
+    """It was read when charlm.devices.cluster was imported: a traceback for "abc" in any run,
+    and a hang for "-5"."""
+    from click.testing import CliRunner
+
+    from charlm.cli import main
+
+    monkeypatch.setenv("CHARLM_JOIN_TIMEOUT_S", value)
+    result = CliRunner().invoke(main, ["train", str(corpus_file), "--steps", "1", "--quiet"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"charlm: error: CHARLM_JOIN_TIMEOUT_S={value!r} is not a number of seconds; set it to "
+        "a whole number of at least 1, or unset it for 120"
+    ]
+
+
 def assert_one_line(arguments: list[str], message: str) -> None:
     """Python with `arguments` fails with exit status 1 and one line of stderr holding
     `message`."""

@@ -93,6 +93,7 @@ def join_run(
     it), and the child joins the other processes before anything else of JAX's runs."""
     from charlm.devices import cluster
 
+    cluster.join_timeout()  # checked in every run, as an option is, used or not
     if cluster.is_requested(coordinator, num_processes, process_id):
         if run_dir is None:
             raise CharlmError(

@@ -16,12 +16,27 @@ from typing import BinaryIO
 
 from charlm.errors import CharlmError
 
-# How long a process waits for all the others to join (CHARLM_JOIN_TIMEOUT_S); after how long without heartbeats the
-# coordination service declares a process lost; how long process 0 waits for the others to
-# finish before it exits.
-INITIALIZATION_TIMEOUT_S = int(os.environ.get("CHARLM_JOIN_TIMEOUT_S", "120"))
+# How long a process waits for all the others to join, unless CHARLM_JOIN_TIMEOUT_S says;
+# after how long without heartbeats the coordination service declares a process lost; how long
+# process 0 waits for the others to finish before it exits.
+JOIN_TIMEOUT_VARIABLE = "CHARLM_JOIN_TIMEOUT_S"
+DEFAULT_JOIN_TIMEOUT_S = 120
 HEARTBEAT_TIMEOUT_S = 15
 SHUTDOWN_TIMEOUT_S = 30
+
+
+def join_timeout() -> int:
+    """The seconds a process waits for the others to join: CHARLM_JOIN_TIMEOUT_S, checked as
+    an option is, or 120."""
+    text = os.environ.get(JOIN_TIMEOUT_VARIABLE)
+    if text is None:
+        return DEFAULT_JOIN_TIMEOUT_S
+    if not text.strip().isdigit() or int(text) < 1:
+        raise CharlmError(
+            f"{JOIN_TIMEOUT_VARIABLE}={text!r} is not a number of seconds; set it to a whole "
+            f"number of at least 1, or unset it for {DEFAULT_JOIN_TIMEOUT_S}"
+        )
+    return int(text)
 
 
 def scheduler() -> str | None:
@@ -91,14 +106,14 @@ def _initialize(
             coordinator,
             num_processes,
             process_id,
-            initialization_timeout=INITIALIZATION_TIMEOUT_S,
+            initialization_timeout=join_timeout(),
             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
             shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
         )
     except Exception as err:  # JAX raises RuntimeError or its own XlaRuntimeError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CharlmError(
-            f"could not join {what} within {INITIALIZATION_TIMEOUT_S} s ({first}); start "
+            f"could not join {what} within {join_timeout()} s ({first}); start "
             "every process with the same --coordinator and --num-processes, and a distinct "
             "--process-id"
         ) from None
@@ -258,7 +273,7 @@ def _ending(
     if "RegisterTask" in log:
         return (
             f"could not join the run coordinated at {coordinator or 'the scheduler'} within "
-            f"{INITIALIZATION_TIMEOUT_S} s ({how}); start every process with the same "
+            f"{join_timeout()} s ({how}); start every process with the same "
             "--coordinator and --num-processes, and a distinct --process-id"
         )
     tasks = _other_tasks(log, process_id)
