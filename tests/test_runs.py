@@ -115,3 +115,36 @@ def test_plot_refuses_what_it_cannot_draw(two_runs: Path, tmp_path: Path):
     assert no_run.exit_code == 1 and "no run recorded" in no_run.output
     not_a_run = CliRunner().invoke(main, ["plot", str(two_runs / "notes")])
     assert not_a_run.exit_code == 1 and "has no metrics.jsonl" in not_a_run.output
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (b'{"step": 30, "val_loss": 3.0, "note": "\xff\xfe"}', "'utf-8' codec can't decode"),
+        (b'{"step": 30, "elapsed": NaN}', "NaN is not a number JSON allows"),
+        (b'{"step": 30, "val_loss": 1e999}', "val_loss is inf"),
+        (b'{"step": 30, "elapsed": "ten"}', "elapsed is not a number"),
+    ],
+)
+def test_a_damaged_metrics_line_is_listed_as_the_runs_problem(
+    two_runs: Path, damage: bytes, why: str
+):
+    """One bad line made `charlm runs` and `charlm plot` fail with a traceback, and
+    `runs --json` print NaN, which is not JSON; the run is now listed with its problem."""
+    metrics = two_runs / "good" / ckpt.METRICS
+    lines = metrics.read_bytes().splitlines()
+    metrics.write_bytes(b"\n".join([lines[0], damage, *lines[1:]]) + b"\n")
+    listed = CliRunner().invoke(main, ["runs", str(two_runs), "--json"])
+    assert listed.exit_code == 0, listed.output
+    good = next(
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+        for line in listed.stdout.splitlines()
+    )
+    assert good["steps"] == 60 and good["seconds"] is not None
+    assert (
+        good["problem"].startswith(f"{ckpt.METRICS} line 2 is damaged (") and why in good["problem"]
+    )
+    table = CliRunner().invoke(main, ["runs", str(two_runs)])
+    assert table.exit_code == 0 and f"({ckpt.METRICS} line 2 is damaged" in table.stdout
+    plotted = CliRunner().invoke(main, ["plot", str(two_runs / "good"), "-o", "loss.png"])
+    assert plotted.exit_code == 0, plotted.output

@@ -45,7 +45,7 @@ def runs(directory: Path, as_json: bool) -> None:
     )
     for s in summaries:
         mark = "* " if s.latest else "  "
-        if s.problem:
+        if s.steps is None:
             click.echo(f"{mark}{s.path:<{width}}no readable checkpoint: {s.problem}")
             continue
         best = f"{s.best_val_loss:.4f}" if s.best_val_loss is not None else "—"
@@ -53,6 +53,7 @@ def runs(directory: Path, as_json: bool) -> None:
         click.echo(
             f"{mark}{s.path:<{width}}{s.corpus:<20.19}{s.model:<13}{s.steps:>8,}"
             f"{best:>10}{bits:>11}{_duration(s.seconds):>9}"
+            + (f"  ({s.problem})" if s.problem else "")
         )
     if any(s.latest for s in summaries):
         click.echo("* the latest run (the default of sample, perplexity and plot)")

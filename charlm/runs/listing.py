@@ -22,7 +22,8 @@ from charlm.errors import CharlmError
 @dataclass(frozen=True)
 class RunSummary:
     """What `charlm runs` shows of one run directory. Every field but `path` and `latest` is
-    None when the run has no readable checkpoint, and `problem` then says why."""
+    None when the run has no readable checkpoint, and `problem` then says why; with a readable
+    checkpoint, `problem` says what is damaged in the metrics, if anything."""
 
     path: str
     latest: bool
@@ -63,20 +64,41 @@ def latest_run() -> Path | None:
     return path if path.is_dir() else None
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The evaluation records of a run, in order; a line that is not a JSON object (a record
-    torn by a crash mid-write) is left out. Raises CharlmError if there are none."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _record(line: bytes) -> dict[str, Any]:
+    """One evaluation's record from a line of a metrics file; ValueError says what is wrong."""
+    record = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not an evaluation's record")
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} is {value}")
+    if not isinstance(record.get("elapsed", 0.0), (int, float)):
+        raise ValueError("elapsed is not a number")
+    return record
+
+
+def read_metrics(
+    run_dir: str | os.PathLike, problems: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The evaluation records of a run, in order. A line that is not one (a record torn by a
+    crash mid-write, bytes that are not UTF-8, a number that is not finite) is left out, and
+    said in `problems` when a list is given. Raises CharlmError if there are none."""
     path = Path(run_dir) / ckpt.METRICS
     if not path.is_file():
         raise CharlmError(f"{run_dir} has no {ckpt.METRICS}; is it a charlm run directory?")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_bytes().splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
+            records.append(_record(line))
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            # A last line cut short is a crash's torn record, not damage.
+            if problems is not None and number < len(lines):
+                problems.append(f"{ckpt.METRICS} line {number} is damaged ({err})")
     if not records:
         raise CharlmError(f"{path} holds no evaluation yet; wait for the first one")
     return records
@@ -106,8 +128,9 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
     best = meta.get("best_val_loss")
     kind = checkpoint_meta.kind_of(meta)
     model = kind.configs[kind.shape](**meta[kind.shape])
+    problems: list[str] = []
     try:
-        seconds = training_seconds(read_metrics(run_dir))[-1]
+        seconds = training_seconds(read_metrics(run_dir, problems))[-1]
     except CharlmError:
         seconds = None
     return RunSummary(
@@ -119,4 +142,5 @@ def summarize(run_dir: Path, *, latest: bool = False) -> RunSummary:
         best_val_loss=best,
         best_val_bpc=None if best is None else best / math.log(2),
         seconds=seconds,
+        problem="; ".join(problems) or None,
     )
