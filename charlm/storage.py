@@ -91,6 +91,7 @@ def run_lock(directory: Path) -> Iterator[None]:
     block runs: an OS lock (flock) on its lock file, which the kernel releases when the process
     ends, however it ends, so that a killed run leaves no stale lock. A second writer is refused
     in one line that names the process holding the lock; readers never take it."""
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -105,6 +106,13 @@ def run_lock(directory: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        except BaseException:
+            # A run that failed before writing anything leaves no directory behind.
+            if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
+                path.unlink()
+                directory.rmdir()
+            raise
     finally:
         os.close(fd)

@@ -45,6 +45,7 @@ def test_train_sample_perplexity_end_to_end(corpus_file: Path):
         "best.ckpt",
         "latest.ckpt",
         "metrics.jsonl",
+        "run.lock",
     ]
 
     # No --checkpoint: the most recent run of this directory is used.

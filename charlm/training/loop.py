@@ -293,9 +293,10 @@ def train_run(
     the first `devices` local ones of every process (all when None). Raises CharlmError for
     a process lost from a run of several, and TrainingDiverged when the loss goes bad."""
     parallel = DataParallel.over(devices)
+    model_run = parts(parallel)
     # Process 0 alone writes the run directory; it holds the directory's lock throughout.
     with run_lock(session.run_path) if parallel.is_main else contextlib.nullcontext():
-        return _train(session, parts(parallel), parallel, progress, started)
+        return _train(session, model_run, parallel, progress, started)
 
 
 def _train(
