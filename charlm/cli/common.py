@@ -4,6 +4,7 @@ processes, and turning a CharlmError into one line on stderr and exit status 1."
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 import sys
@@ -104,3 +105,24 @@ def join_run(
             command = [sys.executable, "-m", "charlm", *sys.argv[1:]]
             sys.exit(cluster.supervise(command, Path(run_dir), process_id, coordinator))
     cluster.join(coordinator, num_processes, process_id)
+
+
+def train_a_kind(
+    trainer: str, corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, options: Any
+) -> None:
+    """What a training command does, for the kind whose train function `trainer` names
+    ("module:function", imported once the process has joined its run): join the run's
+    processes, train with the options given (the others keep their config's defaults), and
+    exit with status 130 when Ctrl-C stopped the run."""
+    cluster = {name: options.pop(name) for name in ("coordinator", "num_processes", "process_id")}
+    join_run(run_dir, **cluster)
+    module, _, function = trainer.partition(":")
+    train = getattr(importlib.import_module(module), function)
+    devices = options.pop("devices")
+    overrides = {name: value for name, value in options.items() if value is not None}
+    progress = not quiet
+    result = train(
+        corpus, run_dir=run_dir, resume=resume, progress=progress, devices=devices, **overrides
+    )
+    if result.stop == "interrupted":
+        sys.exit(130)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from charlm.cli.common import checkpoint_option, join_run, rate_option, user_errors
+from charlm.cli.common import checkpoint_option, rate_option, train_a_kind, user_errors
 from charlm.cli.train_command import train as train_language_model
 from charlm.errors import CharlmError
 
@@ -194,15 +194,7 @@ def shared_with_train(command: click.Command) -> click.Command:
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @user_errors
 def train(
-    corpus: str | None,
-    run_dir: str | None,
-    resume: bool,
-    quiet: bool,
-    devices: int | None,
-    coordinator: str | None,
-    num_processes: int | None,
-    process_id: int | None,
-    **options: Any,
+    corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, **options: Any
 ) -> None:
     """Train a punctuation tagger on CORPUS, a punctuated text file or a catalog corpus.
 
@@ -214,20 +206,9 @@ def train(
     through the same run skeleton as charlm train: --devices and runs of several processes
     work as there.
     """
-    join_run(run_dir, coordinator, num_processes, process_id)
-    from charlm.punctuation.training import train_tagger
-
-    overrides = {name: value for name, value in options.items() if value is not None}
-    result = train_tagger(
-        corpus,
-        run_dir=run_dir,
-        resume=resume,
-        progress=not quiet,
-        devices=devices,
-        **overrides,
+    train_a_kind(
+        "charlm.punctuation.training:train_tagger", corpus, run_dir, resume, quiet, options
     )
-    if result.stop == "interrupted":
-        sys.exit(130)
 
 
 @punctuate.command()

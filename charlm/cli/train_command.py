@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
-from charlm.cli.common import Duration, join_run, rate_option, user_errors
+from charlm.cli.common import Duration, rate_option, train_a_kind, user_errors
 
 
 @click.command()
@@ -150,15 +149,7 @@ from charlm.cli.common import Duration, join_run, rate_option, user_errors
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @user_errors
 def train(
-    corpus: str | None,
-    run_dir: str | None,
-    resume: bool,
-    quiet: bool,
-    devices: int | None,
-    coordinator: str | None,
-    num_processes: int | None,
-    process_id: int | None,
-    **options: Any,
+    corpus: str | None, run_dir: str | None, resume: bool, quiet: bool, **options: Any
 ) -> None:
     """Train a model on CORPUS: a text file, or the name of a catalog corpus (charlm corpus
     list), which is downloaded and verified, or generated, first if it is not here yet.
@@ -167,12 +158,4 @@ def train(
     the run directory keeps latest.ckpt, best.ckpt (lowest validation loss) and metrics.jsonl.
     Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
     """
-    join_run(run_dir, coordinator, num_processes, process_id)
-    from charlm.lm.training import train as run_training
-
-    overrides = {name: value for name, value in options.items() if value is not None}
-    result = run_training(
-        corpus, run_dir=run_dir, resume=resume, progress=not quiet, devices=devices, **overrides
-    )
-    if result.stop == "interrupted":
-        sys.exit(130)
+    train_a_kind("charlm.lm.training:train", corpus, run_dir, resume, quiet, options)

@@ -37,6 +37,7 @@ import optax
 
 from charlm.errors import CharlmError
 from charlm.lm import model
+from charlm.lm.evaluation import PerCharacter
 
 DEFAULT_LR = 0.05
 DEFAULT_DECAY = 0.0
@@ -68,19 +69,11 @@ class DynamicEvaluation:
 
 
 @dataclass(frozen=True)
-class DynamicScore:
+class DynamicScore(PerCharacter):
     """The dynamic-evaluation score of a model on a text, and the settings it was scored with."""
 
     nats_per_char: float
     settings: DynamicEvaluation
-
-    @property
-    def bits_per_char(self) -> float:
-        return self.nats_per_char / math.log(2)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nats_per_char)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,6 @@ predicts the text without them) and reported with their counts.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ from charlm.errors import CharlmError
 from charlm.inference.dynamic_evaluation import DynamicEvaluation, DynamicScore, dynamic_nats
 from charlm.lm import model
 from charlm.lm.checkpoint import load_model
-from charlm.lm.evaluation import DEFAULT_CHUNK, total_nats
+from charlm.lm.evaluation import DEFAULT_CHUNK, PerCharacter, total_nats
 
 
 @dataclass(frozen=True)
-class Perplexity:
+class Perplexity(PerCharacter):
     """The score of a model on a text: the static score (the trained weights, fixed), and the
     dynamic-evaluation score when one was asked for (`charlm.inference.dynamic_evaluation`)."""
 
@@ -37,14 +36,6 @@ class Perplexity:
     nats_per_char: float
     unknown: dict[str, int]
     dynamic: DynamicScore | None = None
-
-    @property
-    def bits_per_char(self) -> float:
-        return self.nats_per_char / math.log(2)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nats_per_char)
 
     def to_dict(self) -> dict[str, Any]:
         """The static score's fields, and under "dynamic" the dynamic score's if there is one."""

@@ -27,6 +27,21 @@ VALIDATION_STREAMS = 16
 VALIDATION_OVERLAP = 200
 
 
+class PerCharacter:
+    """A score in nats per character (`nats_per_char`), also read as bits per character and
+    as perplexity."""
+
+    nats_per_char: float
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nats_per_char / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_char)
+
+
 @partial(jax.jit, static_argnames="config")
 def _chunk_nats(
     params: model.Params,
