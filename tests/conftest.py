@@ -59,8 +59,13 @@ def corpus_file(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The CLI keeps JAX's compilation cache under XDG_CACHE_HOME: keep the tests' out of ~."""
+    """The CLI keeps JAX's compilation cache under XDG_CACHE_HOME: keep the tests' out of ~.
+    The tests' own trainings use it too, as the CLI does: the suite trains models of a few
+    shapes many times over, and each shape is then compiled once per worker, not per run."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    from charlm.devices import process_settings
+
+    process_settings.enable_compilation_cache()
 
 
 @pytest.fixture(autouse=True)

@@ -39,9 +39,9 @@ def test_commands_change_the_settings_of_later_turns():
 @pytest.mark.parametrize(
     ("line", "field", "words"),
     [
-        (":t 0", "temperature", "must be positive"),
+        (":t 0", "temperature", "must be a positive finite number"),
         (":p 1.5", "top_p", "(0, 1]"),
-        (":n -3", "length", "must not be negative"),
+        (":n -3", "length", "must be from 0 to 10,000,000, got -3"),
         (":k many", "top_k", "such as :k 40"),
         (":greedy maybe", "greedy", "such as :greedy off"),
         (":x 1", "command", "unknown command :x"),
