@@ -22,10 +22,6 @@ from conftest import TINY
 from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 
-# One worker runs this whole file: its tests share one child process that trains on 1, 2 and
-# 4 devices, made once.
-pytestmark = pytest.mark.xdist_group("parallel")
-
 # Trainings of the same global batch on 1, 2 and 4 devices, a step of a fresh run on 2 devices
 # to look at where its state lives, and runs that change their device count when resumed. The
 # decay horizon is fixed at 8 steps so that a run stopped at 4 and resumed is the run of 8.
@@ -106,6 +102,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     options = dict(TINY, dropout=0.2, embed_dropout=0.1, weight_drop=0.25, batch_size=8)
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(corpus), str(out), json.dumps(options)],
+        cwd=out,  # where its runs record themselves as the latest
         env=_cpu_devices(4),
         capture_output=True,
         text=True,

@@ -19,9 +19,6 @@ from test_tagging import TINY_TAGGER, punctuated_text, working_directory
 from charlm.checkpoints import file_format as ckpt
 from charlm.cli import main
 
-# One worker runs this whole file: its tests share one tagger trained through the CLI, made once.
-pytestmark = pytest.mark.xdist_group("punctuate_cli")
-
 TINY_ARGS = [
     arg
     for name, value in TINY_TAGGER.items()

@@ -30,10 +30,6 @@ from charlm.cli import main
 from charlm.inference.evaluation import perplexity
 from charlm.inference.sampling import Sampler
 
-# One worker runs this whole file: its tests share one trained model and one running
-# server, made once.
-pytestmark = pytest.mark.xdist_group("server")
-
 # Long enough that a generation nobody stopped would run on for many seconds.
 MAX_LENGTH = 1_000_000
 MAX_SAMPLES = 4

@@ -25,9 +25,6 @@ from charlm.punctuation.scores import score_labels
 from charlm.punctuation.tagger import Tagger, score_tagger, window_batch, window_plan
 from charlm.punctuation.training import train_tagger
 
-# One worker runs this whole file: its tests share one trained tagger, made once.
-pytestmark = pytest.mark.xdist_group("tagging")
-
 # A tagger small enough to train in a few seconds on 2 cores; float32 on every machine.
 TINY_TAGGER = dict(
     hidden_size=16,
