@@ -228,6 +228,23 @@ def test_bad_sample_requests_name_the_field(server: Server, body: dict[str, Any]
     assert_error(server.post("v1/sample", json={**body, "stream": True}), 422, field)
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"temperature": 1e999}', "temperature"),
+        (b'{"temperature": Infinity}', "temperature"),
+        (b'{"top_k": 2147483648}', "top_k"),
+    ],
+)
+def test_numbers_out_of_range_are_422_naming_the_field(server: Server, body: bytes, field: str):
+    """They were generated and then failed with a 500 (with a bare Infinity in the last
+    streamed event), or overflowed to a 500."""
+    json_type = {"Content-Type": "application/json"}
+    assert_error(server.post("v1/sample", content=body, headers=json_type), 422, field)
+    streamed = body[:-1] + b', "stream": true}'
+    assert_error(server.post("v1/sample", content=streamed, headers=json_type), 422, field)
+
+
 def test_other_bad_requests(server: Server):
     json_type = {"Content-Type": "application/json"}
     assert_error(server.post("v1/sample", content=b"{not json", headers=json_type), 400, "body")

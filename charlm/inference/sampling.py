@@ -227,8 +227,8 @@ def check_options(
         raise SampleError(
             "temperature", "temperature must be a positive finite number (use greedy for argmax)"
         )
-    if top_k < 0:
-        raise SampleError("top_k", "top_k must not be negative")
+    if not 0 <= top_k < 2**31:
+        raise SampleError("top_k", f"top_k must be from 0 to {2**31 - 1:,}, got {top_k:,}")
     if not 0 < top_p <= 1:
         raise SampleError("top_p", "top_p must be in (0, 1]")
 
