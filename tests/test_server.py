@@ -248,6 +248,11 @@ def test_numbers_out_of_range_are_422_naming_the_field(server: Server, body: byt
 def test_other_bad_requests(server: Server):
     json_type = {"Content-Type": "application/json"}
     assert_error(server.post("v1/sample", content=b"{not json", headers=json_type), 400, "body")
+    # These were 400s naming no field.
+    not_utf8 = b'{"prime": "\xff\xfe"}'
+    assert_error(server.post("v1/sample", content=not_utf8, headers=json_type), 400, "body")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert_error(server.post("v1/sample", content=deep, headers=json_type), 400, "body")
     assert_error(server.post("v1/sample", content=b"[1, 2]", headers=json_type), 422, "body")
     assert_error(server.post("v1/sample", content=b"", headers=json_type), 422, "body")
     assert_error(server.post("v1/perplexity", json={"text": 5}), 422, "text")

@@ -160,7 +160,12 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        """404, 405 and the like, in the shared shape too."""
+        """404, 405 and the like, in the shared shape too. FastAPI's 400 is a body it could
+        not parse (bytes that are not UTF-8, JSON nested deeper than its parser goes): the
+        body's fault, so named."""
+        if exc.status_code == 400:
+            message = "the body is not readable JSON: it must be UTF-8 text, not nested too deep"
+            return error_response(400, message, "body")
         return error_response(exc.status_code, str(exc.detail), None)
 
     @app.exception_handler(Exception)
