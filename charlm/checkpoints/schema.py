@@ -19,6 +19,7 @@ Every problem is one CharlmError line that names the file and the field, for exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -110,16 +111,18 @@ def register(kind: KindSchema) -> None:
     _KINDS[kind.name] = kind
 
 
+@functools.cache
+def _load_entry_points() -> None:
+    """Import the modules that the entry points name, whose import registers their kinds:
+    once, as reading the installed packages' metadata takes milliseconds."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        entry.load()
+
+
 def kinds() -> dict[str, KindSchema]:
     """Every registered kind, by name; the entry points' modules are imported first."""
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
-        if entry.value not in _LOADED:
-            _LOADED.add(entry.value)
-            entry.load()
+    _load_entry_points()
     return _KINDS
-
-
-_LOADED: set[str] = set()
 
 
 def get(name: str) -> KindSchema:

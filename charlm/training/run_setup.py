@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import jax
 
@@ -24,12 +24,9 @@ from charlm.data.catalog import resolve_corpus
 from charlm.data.corpus import Corpus
 from charlm.devices import hardware
 from charlm.errors import CharlmError
-from charlm.training.config import LENGTH, RESUMABLE
+from charlm.training.config import LENGTH, RESUMABLE, RunConfig, option_name
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
-Config = TypeVar("Config", bound="DataclassInstance")
+Config = TypeVar("Config", bound=RunConfig)
 
 
 @dataclass(frozen=True)
@@ -65,9 +62,8 @@ class Session:
 def resolve_precision(config: Config) -> tuple[Config, str]:
     """`config` (a run's options, with a `precision`) with `--precision auto` resolved for this
     machine's first device, and the note that says which precision trains and why."""
-    precision = config.precision  # type: ignore[attr-defined]
-    if precision != "auto":
-        return config, f"in {precision}"
+    if config.precision != "auto":
+        return config, f"in {config.precision}"
     precision, why = hardware.auto_precision(jax.devices()[0])
     return dataclasses.replace(config, precision=precision), f"in {precision} (auto: {why})"
 
@@ -103,7 +99,7 @@ def _resume_config(saved: Config, overrides: dict[str, Any]) -> Config:
     for name, value in overrides.items():
         if name not in RESUMABLE and getattr(saved, name) != value:
             raise CharlmError(
-                f"--{name.replace('_', '-')} cannot change when resuming (the run has "
+                f"{option_name(name)} cannot change when resuming (the run has "
                 f"{getattr(saved, name)!r}); start a new run to change it"
             )
     if any(name in overrides for name in LENGTH):
